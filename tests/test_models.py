@@ -261,3 +261,18 @@ def test_pretrained_file_with_other_num_classes_keeps_backbone_and_starts_fresh_
 def test_package_exports():
     assert noah_mlp.NoahHead is NoahHead
     assert noah_mlp.__version__
+
+
+def test_readme_model_table_matches_built_models():
+    """The README's model table is the front door: every row must be what the package builds."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    rows = re.findall(r'^\| `(noah_\w+)` \| ([\d.]+)M \| `(\w+)` \([^)]*\) \| ([\d.]+)M \|$', readme, re.M)
+    assert sorted(r[0] for r in rows) == NOAH_MODELS
+    for noah_name, noah_m, base_name, base_m in rows:
+        assert noah_name == f'noah_{base_name}'
+        with torch.device('meta'):
+            assert f'{count_params(timm.create_model(noah_name)):.2f}' == noah_m, noah_name
+            assert f'{count_params(timm.create_model(base_name)):.2f}' == base_m, base_name
