@@ -1,0 +1,231 @@
+"""Safe checkpoint reading, architecture checks and atomic checkpoint writing.
+
+Reading never executes pickled code: files are opened with ``torch.load(weights_only=True)``
+(``argparse.Namespace`` allow-listed, as timm's training checkpoints hold one), and a file that
+needs anything else is refused. Writing goes to a temporary file in the target folder, is flushed
+and fsynced, then renamed over the target, so a kill at any moment leaves either the old or the
+new file, both complete.
+"""
+import argparse
+import io
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from collections import OrderedDict
+from typing import Any, Dict, Optional
+
+import torch
+from timm.utils import CheckpointSaver, get_state_dict
+
+from .errors import UserError
+
+__all__ = [
+    'safe_load', 'extract_state_dict', 'load_weights', 'check_compatible', 'atomic_save', 'atomic_write_text',
+    'atomic_copy', 'AtomicCheckpointSaver',
+]
+
+
+def safe_load(path: str) -> Any:
+    """Load a checkpoint file without running pickled code; UserError for missing, corrupt or unsafe files."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint '{path}' does not exist.")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' is not a file.")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint '{path}' is empty (0 bytes); it is corrupt or was never written.")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if 'Weights only load failed' in text or 'Unsupported global' in text or 'GLOBAL' in text:
+            detail = ''
+            for line in text.splitlines():
+                if 'Unsupported global' in line or 'Unsupported operand' in line:
+                    detail = f' ({line.strip().rstrip(".")})'
+                    break
+            raise UserError(
+                f"refused to load checkpoint '{path}': it holds pickled Python objects that could run code "
+                f"when loaded{detail}. Only tensors, plain containers and argparse.Namespace are accepted; "
+                f"nothing from the file was executed.") from None
+        raise UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({text.splitlines()[0]}).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({first}).") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(checkpoint: Any, use_ema: bool = False, path: str = '') -> Dict[str, torch.Tensor]:
+    """The model weights of a timm training checkpoint (``state_dict`` / ``state_dict_ema`` /
+    ``model`` entries) or of a bare state dict, with DDP's ``module.`` prefixes removed."""
+    where = f" '{path}'" if path else ''
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'checkpoint{where} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint.')
+    state_dict = None
+    if use_ema:
+        for key in ('state_dict_ema', 'model_ema', 'state_dict'):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                state_dict = checkpoint[key]
+                break
+    else:
+        for key in ('state_dict', 'model'):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                state_dict = checkpoint[key]
+                break
+    if state_dict is None:
+        state_dict = checkpoint
+    if not _is_state_dict(state_dict):
+        raise UserError(f'checkpoint{where} has no model weights (keys: {", ".join(map(str, list(checkpoint)[:8]))}).')
+    out = OrderedDict()
+    for k, v in state_dict.items():
+        out[k[7:] if k.startswith('module.') else k] = v
+    return out
+
+
+def _limited(items, n: int = 8) -> str:
+    items = list(items)
+    text = ', '.join(items[:n])
+    return text + (f', ... ({len(items) - n} more)' if len(items) > n else '')
+
+
+def check_compatible(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str = '', arch: str = '') -> None:
+    """Raise a UserError that names the differing keys and shapes if `state_dict` does not fit `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+        for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    where = f" '{path}'" if path else ''
+    name = f' {arch}' if arch else ''
+    lines = [f'checkpoint{where} does not fit the model{name} (another architecture or settings?):']
+    if shapes:
+        lines.append(f'  {len(shapes)} shape mismatch(es): {_limited(shapes, 6)}')
+    if missing:
+        lines.append(f'  {len(missing)} key(s) missing from the checkpoint: {_limited(missing)}')
+    if unexpected:
+        lines.append(f'  {len(unexpected)} unexpected key(s) in the checkpoint: {_limited(unexpected)}')
+    raise UserError('\n'.join(lines))
+
+
+def load_weights(model: torch.nn.Module, path: str, use_ema: bool = False) -> Any:
+    """Load weights from `path` into `model` (strict, after an explicit compatibility check). Returns the file's content."""
+    checkpoint = safe_load(path)
+    state_dict = extract_state_dict(checkpoint, use_ema=use_ema, path=path)
+    check_compatible(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True)
+    return checkpoint
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to `path` through a fsynced temporary file and a rename."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy `src` over `dst` so that `dst` is at every moment either its old or its new complete content."""
+    def _copy(f):
+        with open(src, 'rb') as s:
+            shutil.copyfileobj(s, f, 1 << 20)
+    _atomic_write(dst, _copy)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver with every write atomic.
+
+    timm writes ``tmp.pth.tar`` without fsync, unlinks the target before renaming, and hard links
+    ``model_best`` / ``checkpoint-N``. Here each checkpoint is written through a fsynced temporary
+    file and renamed over its target (never unlinked first), and copies are real files written the
+    same way, so ``last``, ``model_best`` and ``checkpoint-N`` are complete at every moment.
+    Extra entries (scheduler state, update counter) come from `extra_state`, a callable.
+    """
+
+    def __init__(self, *args, extra_state=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_state = extra_state
+        self.can_hardlink = False
+        self._recovery_meta = None
+
+    def _save(self, save_path, epoch, metric=None):
+        # timm's training-checkpoint layout (see NOAH.md), written atomically
+        state = {
+            'epoch': epoch,
+            'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
+            'state_dict': get_state_dict(self.model, self.unwrap_fn),
+            'optimizer': self.optimizer.state_dict(),
+            'version': 2,  # epoch is the finished epoch; a resume starts at epoch + 1
+        }
+        if self.args is not None:
+            state['args'] = self.args
+        if self.model_ema is not None:
+            state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(epoch, metric)
+        if self.extra_state is not None:
+            state.update(self.extra_state())
+        if self._recovery_meta is not None:
+            state.update(self._recovery_meta)
+        atomic_save(state, save_path)
+
+    def _replace(self, src, dst):
+        os.replace(src, dst)
+        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+    def _duplicate(self, src, dst):
+        atomic_copy(src, dst)
+
+    def save_recovery(self, epoch, batch_idx=0):
+        """Write ``recovery-{epoch}-{batch}.pth.tar``, marked as written in the middle of `epoch`; returns its path."""
+        self._recovery_meta = {'recovery': True, 'recovery_batch_idx': batch_idx}
+        try:
+            super().save_recovery(epoch, batch_idx)
+        finally:
+            self._recovery_meta = None
+        return self.curr_recovery_file

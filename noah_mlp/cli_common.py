@@ -1,0 +1,89 @@
+"""Pieces the training and validation tools share: model creation with clear errors, device and
+AMP selection, logging."""
+import contextlib
+import difflib
+import logging
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+import timm
+
+from .errors import UserError
+
+__all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging']
+
+_logger = logging.getLogger('noah_mlp')
+
+
+def is_mixer_family(model_name: str) -> bool:
+    """True for MLP-Mixer / ResMLP / gMLP models (timm's mlp_mixer module and our noah_* models)."""
+    import noah_mlp.models  # noqa: F401  (registers the models)
+    try:
+        fn = timm.models.model_entrypoint(model_name)
+    except (RuntimeError, KeyError):
+        return False
+    return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models')
+
+
+def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model, refusing an unknown name with close registered names as suggestions."""
+    import noah_mlp.models  # noqa: F401
+    if not model_name:
+        raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
+    base = model_name.split(':')[-1].split('.')[0]
+    if ':' not in model_name and not timm.is_model(base):
+        names = timm.list_models()
+        close = difflib.get_close_matches(base, names, n=5, cutoff=0.6)
+        if not close:
+            close = [n for n in names if base.lower() in n][:5]
+        hint = f' Close registered names: {", ".join(close)}.' if close else ''
+        raise UserError(f"unknown model '{model_name}'.{hint} (`timm.list_models('noah_*')` lists the NOAH models.)")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        if 'img_size' in kwargs and 'img_size' in str(e):
+            # models without an img_size argument (CNNs) take any input size
+            kwargs.pop('img_size')
+            return create_model_checked(model_name, **kwargs)
+        raise UserError(f"model '{model_name}' does not accept these settings ({e}).") from None
+    except ValueError as e:
+        raise UserError(f"cannot build model '{model_name}': {e}") from None
+
+
+def resolve_device(requested: Optional[str]) -> str:
+    """'auto' (or empty) picks CUDA when present, else CPU; anything else is checked."""
+    if not requested or requested == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    kind = requested.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device '{requested}' requested but CUDA is not available on this machine.")
+    return requested
+
+
+def amp_autocast(device: torch.device, enabled: bool, dtype_name: str):
+    """A context factory for autocast (or a no-op), with a clear refusal for unsupported dtypes."""
+    if not enabled:
+        return contextlib.nullcontext
+    dtypes = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype_name not in dtypes:
+        raise UserError(f"--amp-dtype must be bfloat16 or float16, got '{dtype_name}'.")
+    dtype = dtypes[dtype_name]
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError('--amp-dtype bfloat16 is not supported by this GPU; use --amp-dtype float16.')
+
+    def _ctx():
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return _ctx
+
+
+def setup_logging(primary: bool, level: int = logging.INFO) -> None:
+    """Log lines to stdout on the primary process; other ranks log warnings and errors only."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    root.addHandler(handler)
+    root.setLevel(level if primary else logging.WARNING)

@@ -1,0 +1,832 @@
+"""Train timm / NOAH models with timm's library pieces: ``noah-train`` / ``python train.py``.
+
+Flags and YAML keys carry timm train.py's names. Single process::
+
+    python train.py DATA --model noah_gmlp_ti16_224 --config configs/default_noah.yaml
+
+Several processes (torchrun's environment; NCCL on CUDA, gloo on CPU)::
+
+    bash distributed_train.sh 8 DATA --config configs/default_noah.yaml --model noah_gmlp_ti16_224
+
+Outputs go to ``{output}/{experiment}/``: last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar,
+summary.csv and args.yaml, every file written atomically. SIGTERM / SIGINT finish the current step,
+write a recovery checkpoint and exit non-zero with the command that resumes the run.
+"""
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import (
+    ModelEmaV3, NativeScaler, ParseKwargs, dispatch_clip_grad, distribute_bn, random_seed, unwrap_model)
+from timm.utils.distributed import init_distributed_device_so
+
+from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
+from .cli_common import amp_autocast, create_model_checked, is_mixer_family, resolve_device, setup_logging
+from .config import ArgumentParser, args_to_yaml, parse_args_with_config, plain_namespace
+from .datasets import build_dataset, class_names
+from .errors import UserError, cli_main
+
+__all__ = ['build_parser', 'main', 'train']
+
+_logger = logging.getLogger('noah_mlp.train')
+
+SUMMARY_FIELDS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog='train.py', description='Train timm / NOAH image classifiers (timm train.py flags).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of defaults (keys: flag names with _)')
+    g = p.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder: train/ and val/ or validation/)')
+    g.add_argument('--data-dir', metavar='DIR', default=None, help='dataset root (instead of the positional DIR)')
+    g.add_argument('--dataset', metavar='NAME', default='', help='timm dataset spec (empty: ImageFolder)')
+    g.add_argument('--train-split', metavar='NAME', default='train')
+    g.add_argument('--val-split', metavar='NAME', default='validation')
+    g.add_argument('--class-map', default='', metavar='FILE')
+    g.add_argument('--input-img-mode', default='RGB', metavar='MODE')
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
+    g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights before training')
+    g.add_argument('--resume', default='', metavar='PATH', help='resume model, optimizer, EMA, scaler, schedule')
+    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: classes in the dataset')
+    g.add_argument('--gp', default=None, metavar='POOL')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='train and build the model at N px')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='eval crop ratio')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='batch size per process')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g.add_argument('--channels-last', action='store_true', default=False)
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False)
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='extra model arguments, e.g. num_blocks=2 embed_dim=64 patch_size=4')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND')
+    g = p.add_argument_group('Device & distributed')
+    g.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
+    g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    g.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    g.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
+                   help='default: float16 on CUDA, bfloat16 on CPU')
+    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='no DDP buffer broadcast')
+    g.add_argument('--local-rank', '--local_rank', default=0, type=int, help=argparse.SUPPRESS)
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', metavar='NAME')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPS')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', choices=['norm', 'value', 'agc'])
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE')
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', type=str, default='cosine', metavar='NAME')
+    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='absolute lr (default: from --lr-base)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='N')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='linear or sqrt')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--epoch-repeats', type=float, default=0.)
+    g.add_argument('--start-epoch', default=None, type=int)
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', type=str, default=None)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--color-jitter-prob', type=float, default=None)
+    g.add_argument('--grayscale-prob', type=float, default=None)
+    g.add_argument('--gaussian-blur-prob', type=float, default=None)
+    g.add_argument('--aa', type=str, default=None, help='auto augment, e.g. rand-m6-n3-mstd1.0-inc1')
+    g.add_argument('--aug-repeats', type=float, default=0)
+    g.add_argument('--aug-splits', type=int, default=0, help='not supported (must be 0)')
+    g.add_argument('--jsd-loss', action='store_true', default=False, help='not supported')
+    g.add_argument('--bce-loss', action='store_true', default=False)
+    g.add_argument('--bce-target-thresh', type=float, default=None)
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--resplit', action='store_true', default=False)
+    g.add_argument('--mixup', type=float, default=0.0)
+    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch')
+    g.add_argument('--mixup-off-epoch', default=0, type=int)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', type=str, default='random')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT',
+                   help='timm 1.x drop_rate (dropout before the classifier); for MLP-Mixer-family models without '
+                        '--proj-drop it is the upstream (timm 0.4/0.5) block dropout, see the log')
+    g.add_argument('--proj-drop', type=float, default=None, metavar='PCT', help='dropout inside the blocks (proj_drop_rate)')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT')
+    g.add_argument('--drop-connect', type=float, default=None, metavar='PCT', help='old name of --drop-path')
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT')
+    g.add_argument('--head-drop', type=float, default=None, metavar='PCT', help='NOAH value dropout (head_drop_rate)')
+    g = p.add_argument_group('BatchNorm')
+    g.add_argument('--bn-momentum', type=float, default=None)
+    g.add_argument('--bn-eps', type=float, default=None)
+    g.add_argument('--sync-bn', action='store_true', default=False, help='SyncBatchNorm (CUDA only)')
+    g.add_argument('--dist-bn', type=str, default='reduce', help='"broadcast", "reduce" or "" (BN stats at epoch end)')
+    g.add_argument('--split-bn', action='store_true', default=False, help='not supported')
+    g = p.add_argument_group('EMA')
+    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true', default=False)
+    g = p.add_argument_group('Miscellaneous')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--worker-seeding', type=str, default='all')
+    g.add_argument('--log-interval', type=int, default=50, metavar='N')
+    g.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='recovery checkpoint every N steps')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    g.add_argument('--save-images', action='store_true', default=False, help='not supported')
+    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--no-prefetcher', action='store_true', default=False)
+    g.add_argument('--output', default='', metavar='DIR', help='default: ./output/train')
+    g.add_argument('--experiment', default='', metavar='NAME')
+    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
+    g.add_argument('--tta', type=int, default=0, help='not supported in training (must be 0)')
+    g.add_argument('--use-multi-epochs-loader', action='store_true', default=False)
+    g.add_argument('--log-wandb', action='store_true', default=False, help='not supported')
+    g.add_argument('--torchscript', action='store_true', default=False, help='not supported')
+    g.add_argument('--save-hf', default='', metavar='DIR',
+                   help='at the end, write the best checkpoint as a timm local-dir: folder (config.json + safetensors)')
+    return p
+
+
+# --------------------------------------------------------------------------------------------- signals
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits. A second signal kills."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f'{name} received: finishing the current step, then writing a recovery checkpoint '
+              f'(send it again to stop at once).', file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int, epoch: int, step: int) -> None:
+        super().__init__(signum)
+        self.signum, self.epoch, self.step = signum, epoch, step
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _check_args(args: argparse.Namespace) -> None:
+    refused = [
+        (args.aug_splits > 0, '--aug-splits (augmentation splits / AugMix) is not supported by this script.'),
+        (args.jsd_loss, '--jsd-loss (needs --aug-splits) is not supported by this script.'),
+        (args.split_bn, '--split-bn (needs --aug-splits) is not supported by this script.'),
+        (args.tta > 0, '--tta applies to validation, not to training.'),
+        (args.save_images, '--save-images is not supported by this script.'),
+        (args.log_wandb, '--log-wandb is not supported: read summary.csv, or feed it to your tracker.'),
+        (args.torchscript, '--torchscript was removed from timm 1.x training; use --torchcompile.'),
+        (args.grad_accum_steps < 1, '--grad-accum-steps must be at least 1.'),
+        (args.batch_size < 1, '--batch-size must be at least 1.'),
+        (args.epochs < 1, '--epochs must be at least 1.'),
+        (args.checkpoint_hist < 1, '--checkpoint-hist must be at least 1.'),
+        (args.log_interval < 1, '--log-interval must be at least 1.'),
+    ]
+    for bad, message in refused:
+        if bad:
+            raise UserError(message)
+
+
+def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
+    mixer = is_mixer_family(args.model)
+    kwargs: Dict[str, Any] = dict(
+        pretrained=args.pretrained,
+        num_classes=args.num_classes,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        drop_block_rate=args.drop_block,
+        in_chans=args.in_chans,
+    )
+    drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
+    if args.drop_connect is not None and args.drop_path is None:
+        notes.append(f'--drop-connect {args.drop_connect} used as drop_path_rate (its timm 1.x name is --drop-path).')
+    kwargs['drop_path_rate'] = drop_path
+    if mixer and args.proj_drop is None and args.drop:
+        # Upstream NOAH (timm 0.4/0.5): MLP-Mixer's drop_rate was dropout inside the MLP blocks; timm 1.x calls
+        # that proj_drop_rate and uses drop_rate before the classifier instead.
+        kwargs['proj_drop_rate'] = args.drop
+        kwargs['drop_rate'] = 0.
+        notes.append(
+            f'--drop/drop {args.drop} applied as block dropout (proj_drop_rate), its meaning for MLP-Mixer-family '
+            f'models in timm 0.4/0.5 and upstream NOAH configs; timm 1.x would apply it before the classifier. '
+            f'Set --proj-drop explicitly to give --drop the timm 1.x meaning.')
+    else:
+        kwargs['drop_rate'] = args.drop
+        kwargs['proj_drop_rate'] = args.proj_drop
+    if args.head_drop is not None:
+        if not args.model.startswith('noah_'):
+            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models only, not {args.model}.')
+        kwargs['head_drop_rate'] = args.head_drop
+    img_size = args.input_size[-1] if args.input_size else args.img_size
+    if img_size is not None:
+        kwargs['img_size'] = img_size
+    kwargs.update(args.model_kwargs or {})
+    return kwargs
+
+
+def _lr(args: argparse.Namespace, world_size: int) -> float:
+    if args.lr is not None:
+        return args.lr
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    if scale == 'sqrt':
+        ratio = ratio ** 0.5
+    return args.lr_base * ratio
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h:d}:{m:02d}:{s:02d}'
+
+
+def _all_reduce_sum(t: torch.Tensor, distributed: bool) -> torch.Tensor:
+    if distributed:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _write_summary(path: str, rows: List[Dict[str, Any]], fields: List[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write_text(buf.getvalue(), path)
+
+
+def _read_summary(path: str, before_epoch: int) -> List[Dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as f:
+        return [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit() and int(r['epoch']) < before_epoch]
+
+
+# --------------------------------------------------------------------------------------------- loops
+def train_one_epoch(
+        epoch, model, loader, optimizer, loss_fn, args, device, autocast, loss_scaler, lr_scheduler,
+        model_ema, mixup_fn, stop, saver, distributed, primary, num_updates_start, updates_per_epoch, world_size,
+):
+    model.train()
+    accum = args.grad_accum_steps
+    total = len(loader)
+    last_accum = total - total % accum if total % accum else total - accum
+    num_updates = num_updates_start
+    loss_sum, loss_count = 0., 0
+    t_start = time.time()
+    t_log, samples_log = t_start, 0
+    optimizer.zero_grad()
+    for step, (input, target) in enumerate(loader):
+        last = step == total - 1
+        need_update = last or (step + 1) % accum == 0
+        update_accum = (total - last_accum) if step >= last_accum else accum
+        if args.no_prefetcher:
+            input, target = input.to(device), target.to(device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+
+        sync_ctx = model.no_sync if (distributed and not need_update and hasattr(model, 'no_sync')) else None
+        if sync_ctx is not None:
+            with sync_ctx():
+                with autocast():
+                    loss = loss_fn(model(input), target)
+        else:
+            with autocast():
+                loss = loss_fn(model(input), target)
+
+        # One small all-reduce per step: non-finite loss anywhere, stop requested anywhere, summed loss.
+        flags = torch.tensor(
+            [0. if torch.isfinite(loss.detach()).item() else 1., 1. if stop.requested else 0.,
+             float(loss.detach()) if torch.isfinite(loss.detach()).item() else 0.],
+            dtype=torch.float64, device=device)
+        _all_reduce_sum(flags, distributed)
+        if flags[0].item() > 0:
+            last_ckpt = os.path.join(saver.checkpoint_dir, 'last.pth.tar') if saver is not None else ''
+            good = f'the last good checkpoint is {last_ckpt}' if last_ckpt and os.path.isfile(last_ckpt) \
+                else 'no checkpoint was written yet'
+            raise UserError(
+                f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; {good}. '
+                f'Try a lower --lr, --clip-grad, or no --amp.')
+        step_loss = flags[2].item() / world_size
+        loss_sum += step_loss
+        loss_count += 1
+
+        scaled = loss / update_accum
+        if loss_scaler is not None:
+            loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=model.parameters(), need_update=need_update)
+        else:
+            if sync_ctx is not None:
+                with sync_ctx():
+                    scaled.backward()
+            else:
+                scaled.backward()
+            if need_update:
+                if args.clip_grad is not None:
+                    dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                optimizer.step()
+        if need_update:
+            optimizer.zero_grad()
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            if lr_scheduler is not None:
+                lr_scheduler.step_update(num_updates=num_updates)
+
+        samples_log += input.shape[0] * world_size
+        if primary and ((step + 1) % args.log_interval == 0 or last):
+            now = time.time()
+            rate = samples_log / max(now - t_log, 1e-9)
+            per_step = (now - t_start) / (step + 1)
+            eta = per_step * (total - step - 1) + per_step * total * (args.epochs - epoch - 1)
+            lr = optimizer.param_groups[0]['lr']
+            _logger.info(
+                f'Train: epoch {epoch} [{step + 1:>{len(str(total))}}/{total} ({100. * (step + 1) / total:3.0f}%)]  '
+                f'loss {step_loss:.4f} (avg {loss_sum / loss_count:.4f})  lr {lr:.3e}  {rate:.1f} img/s  '
+                f'ETA {_fmt_eta(eta)}')
+            t_log, samples_log = now, 0
+
+        if need_update and flags[1].item() > 0:
+            raise Stopped(stop.signum or signal.SIGTERM, epoch, step)
+        if (need_update and args.recovery_interval and saver is not None
+                and (step + 1) % args.recovery_interval == 0 and not last):
+            saver.save_recovery(epoch, batch_idx=step)
+    return OrderedDict(loss=loss_sum / max(loss_count, 1)), num_updates
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, autocast, distributed: bool, rank: int, world_size: int, num_samples: int,
+             no_prefetcher: bool, channels_last: bool = False):
+    """Loss, top-1 and top-5 over the loader's dataset, summed exactly across processes (padding removed)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
+    seen = 0
+    for input, target in loader:
+        if no_prefetcher:
+            input, target = input.to(device), target.to(device)
+        if channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(input)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        output = output.float()
+        b = target.shape[0]
+        if distributed:
+            # OrderedDistributedSampler: this rank's j-th sample is position rank + j * world; >= N is padding
+            pos = rank + world_size * (seen + torch.arange(b, device=device))
+            valid = (pos < num_samples).to(torch.float64)
+        else:
+            valid = torch.ones(b, dtype=torch.float64, device=device)
+        seen += b
+        losses = F.cross_entropy(output, target, reduction='none').to(torch.float64)
+        k = min(5, output.shape[-1])
+        pred = output.topk(k, dim=-1).indices
+        correct = pred.eq(target[:, None])
+        sums[0] += (losses * valid).sum()
+        sums[1] += (correct[:, 0].to(torch.float64) * valid).sum()
+        sums[2] += (correct.any(dim=1).to(torch.float64) * valid).sum()
+        sums[3] += valid.sum()
+    _all_reduce_sum(sums, distributed)
+    count = max(sums[3].item(), 1.)
+    return OrderedDict(
+        loss=sums[0].item() / count, top1=100. * sums[1].item() / count, top5=100. * sums[2].item() / count,
+        count=int(sums[3].item()))
+
+
+# --------------------------------------------------------------------------------------------- main
+def _resume_command(resume_path: str, argv: List[str]) -> str:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == '--resume':
+            skip = True
+            continue
+        if a.startswith('--resume='):
+            continue
+        out.append(a)
+    launcher = 'bash distributed_train.sh N' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'python train.py'
+    return ' '.join([launcher] + [repr(a) if (' ' in a or not a) else a for a in out] + ['--resume', resume_path])
+
+
+def train(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stop = StopRequest()
+    stop.install()
+    parser = build_parser()
+    args, notes = parse_args_with_config(parser, argv)
+    _check_args(args)
+
+    device_name = resolve_device(args.device)
+    dist_info = init_distributed_device_so(device=device_name, dist_backend=args.dist_backend)
+    device = torch.device(dist_info['device'])
+    distributed, rank, world_size = dist_info['distributed'], dist_info['global_rank'], dist_info['world_size']
+    local_rank = dist_info['local_rank']
+    args.device, args.distributed, args.rank, args.world_size = str(device), distributed, rank, world_size
+    primary = rank == 0
+    setup_logging(primary)
+    if distributed:
+        _logger.info(f'Distributed training: {world_size} processes, backend '
+                     f'{torch.distributed.get_backend()}, device {device.type}.')
+    else:
+        _logger.info(f'Training in one process on {device}.')
+    for n in notes:
+        _logger.warning(f'note: {n}')
+
+    data_dir = args.data or args.data_dir
+    if args.data and args.data_dir and os.path.abspath(args.data) != os.path.abspath(args.data_dir):
+        raise UserError(f"two dataset roots given: '{args.data}' and --data-dir '{args.data_dir}'.")
+    args.data_dir = data_dir
+    if not args.model:
+        raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
+
+    random_seed(args.seed, rank)
+
+    # Datasets first: their class count is the default --num-classes, and a bad folder fails before any work.
+    dataset_train = build_dataset(
+        args.dataset, data_dir, args.train_split, is_training=True, class_map=args.class_map,
+        batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode)
+    dataset_eval = build_dataset(
+        args.dataset, data_dir, args.val_split, is_training=False, class_map=args.class_map,
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode)
+    labels = class_names(dataset_train)
+    if args.num_classes is None:
+        if not labels:
+            raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
+        args.num_classes = len(labels)
+        _logger.info(f'{len(labels)} classes found in the dataset.')
+    elif labels and len(labels) > args.num_classes:
+        raise UserError(f'the dataset has {len(labels)} classes but --num-classes is {args.num_classes}.')
+
+    model_notes: List[str] = []
+    model_kwargs = _model_args(args, model_notes)
+    for n in model_notes:
+        _logger.warning(f'note: {n}')
+    model = create_model_checked(args.model, **model_kwargs)
+    if args.initial_checkpoint:
+        ckpt = safe_load(args.initial_checkpoint)
+        sd = extract_state_dict(ckpt, use_ema=True, path=args.initial_checkpoint)
+        check_compatible(model, sd, args.initial_checkpoint, args.model)
+        model.load_state_dict(sd)
+        _logger.info(f'Initial weights from {args.initial_checkpoint}.')
+    if primary:
+        n_params = sum(p.numel() for p in model.parameters())
+        _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
+
+    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    if args.grad_checkpointing:
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
+        model.set_grad_checkpointing(enable=True)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        if not distributed:
+            raise UserError('--sync-bn needs a distributed run (several processes).')
+        if device.type != 'cuda':
+            raise UserError('--sync-bn needs CUDA: SyncBatchNorm has no CPU implementation.')
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            _logger.warning(f'note: --sync-bn has no effect, {args.model} has no BatchNorm layers.')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    # AMP
+    amp_dtype = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+    if args.amp:
+        args.amp_dtype = amp_dtype
+    autocast = amp_autocast(device, args.amp, amp_dtype)
+    loss_scaler = NativeScaler(device=device.type) if (args.amp and amp_dtype == 'float16') else None
+    if args.amp:
+        _logger.info(f'AMP on: {amp_dtype}{" with a loss scaler" if loss_scaler else ""}.')
+
+    # optimizer
+    args.lr = _lr(args, world_size)
+    opt_cfg = argparse.Namespace(**vars(args))
+    opt_cfg.opt_args = args.opt_kwargs or None
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=opt_cfg))
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"cannot create optimizer '{args.opt}': {e}") from None
+    _logger.info(f'Optimizer {args.opt}, lr {args.lr:.3e} (global batch '
+                 f'{args.batch_size * world_size * args.grad_accum_steps}).')
+
+    # resume
+    resume_ckpt, start_epoch = None, 0
+    if args.resume:
+        resume_ckpt = safe_load(args.resume)
+        sd = extract_state_dict(resume_ckpt, use_ema=False, path=args.resume)
+        check_compatible(model, sd, args.resume, args.model)
+        model.load_state_dict(sd)
+        if not isinstance(resume_ckpt, dict) or 'epoch' not in resume_ckpt:
+            raise UserError(f"'{args.resume}' holds weights only, not a training checkpoint: use --initial-checkpoint.")
+        if not args.no_resume_opt and 'optimizer' in resume_ckpt:
+            try:
+                optimizer.load_state_dict(resume_ckpt['optimizer'])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"optimizer state in '{args.resume}' does not fit --opt {args.opt}: {e}") from None
+        if loss_scaler is not None and loss_scaler.state_dict_key in resume_ckpt:
+            loss_scaler.load_state_dict(resume_ckpt[loss_scaler.state_dict_key])
+        mid_epoch = bool(resume_ckpt.get('recovery'))
+        start_epoch = int(resume_ckpt['epoch']) + (0 if mid_epoch else 1)
+        _logger.info(f"Resumed from '{args.resume}' (epoch {resume_ckpt['epoch']}"
+                     f"{', interrupted mid-epoch: that epoch restarts' if mid_epoch else ''}); "
+                     f'continuing at epoch {start_epoch}.')
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(
+            model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+            device='cpu' if args.model_ema_force_cpu else None)
+        if resume_ckpt is not None and 'state_dict_ema' in resume_ckpt:
+            ema_sd = extract_state_dict({'state_dict': resume_ckpt['state_dict_ema']}, path=args.resume)
+            check_compatible(model_ema.module, ema_sd, args.resume, args.model)
+            model_ema.module.load_state_dict(ema_sd)
+            _logger.info('Restored the EMA weights.')
+
+    train_model = model
+    if distributed:
+        ddp_kwargs = dict(broadcast_buffers=not args.no_ddp_bb)
+        if device.type == 'cuda':
+            ddp_kwargs['device_ids'] = [local_rank]
+        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    if args.torchcompile:
+        if not hasattr(torch, 'compile'):
+            raise UserError('--torchcompile needs PyTorch 2 or newer.')
+        train_model = torch.compile(train_model, backend=args.torchcompile)
+
+    # data loaders
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    collate_fn, mixup_fn = None, None
+    if mixup_active:
+        mixup_args = dict(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.no_prefetcher:
+            mixup_fn = Mixup(**mixup_args)
+        else:
+            collate_fn = FastCollateMixup(**mixup_args)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    workers = max(0, args.workers)
+    common = dict(
+        mean=data_config['mean'], std=data_config['std'], num_workers=workers, distributed=distributed,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        persistent_workers=workers > 0)
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+        auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats), interpolation=train_interpolation,
+        collate_fn=collate_fn, use_multi_epochs_loader=args.use_multi_epochs_loader,
+        worker_seeding=args.worker_seeding, **common)
+    eval_batch = args.validation_batch_size or args.batch_size
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'], batch_size=eval_batch, is_training=False,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    if len(loader_train) == 0:
+        raise UserError(
+            f'the training split has {len(dataset_train)} images, fewer than one batch of {args.batch_size} '
+            f'per process x {world_size} process(es): lower --batch-size.')
+
+    # losses
+    if mixup_active:
+        train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
+            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else nn.CrossEntropyLoss()
+    train_loss_fn = train_loss_fn.to(device)
+
+    # scheduler
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    decreasing = args.eval_metric == 'loss'
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if lr_scheduler is not None and resume_ckpt is not None and 'scheduler' in resume_ckpt:
+        try:
+            lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
+        except (KeyError, TypeError, ValueError):
+            _logger.warning('note: scheduler state in the checkpoint does not fit --sched; recomputed from the epoch.')
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    num_updates_start = start_epoch * updates_per_epoch
+
+    # output folder
+    saver, output_dir = None, ''
+    if args.resume and not args.experiment and os.path.isfile(
+            os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'args.yaml')):
+        output_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
+            str(data_config['input_size'][-1])])
+        output_dir = os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
+    summary_path = os.path.join(output_dir, 'summary.csv')
+    summary_rows: List[Dict[str, Any]] = []
+    fields = list(SUMMARY_FIELDS) + (['ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5'] if model_ema else [])
+    state = {'num_updates': num_updates_start}
+    if primary:
+        os.makedirs(output_dir, exist_ok=True)
+        saver = AtomicCheckpointSaver(
+            model=model, optimizer=optimizer, args=plain_namespace(args), model_ema=model_ema,
+            amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
+            max_history=args.checkpoint_hist,
+            extra_state=lambda: {
+                'scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                'num_updates': state['num_updates'],
+            })
+        if resume_ckpt is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir) \
+                and isinstance(resume_ckpt.get('saver'), dict):
+            saver.load_state_dict(resume_ckpt['saver'])
+        atomic_write_text(args_to_yaml(args), os.path.join(output_dir, 'args.yaml'))
+        summary_rows = _read_summary(summary_path, start_epoch)
+        _logger.info(f'Output folder: {output_dir}')
+    _logger.info(f'Training for {num_epochs - start_epoch} epoch(s) of {len(loader_train)} steps '
+                 f'({len(dataset_train)} train / {len(dataset_eval)} val images).')
+
+    best_metric, best_epoch = None, None
+    if saver is not None and saver.best_metric is not None:
+        best_metric, best_epoch = saver.best_metric, saver.best_epoch
+    eval_model = model
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if distributed and hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                if mixup_fn is not None:
+                    mixup_fn.mixup_enabled = False
+                elif hasattr(loader_train, 'mixup_enabled'):
+                    loader_train.mixup_enabled = False
+            train_metrics, state['num_updates'] = train_one_epoch(
+                epoch, train_model, loader_train, optimizer, train_loss_fn, args, device, autocast, loss_scaler,
+                lr_scheduler, model_ema, mixup_fn, stop, saver, distributed, primary, state['num_updates'],
+                updates_per_epoch, world_size)
+            if distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model, world_size, args.dist_bn == 'reduce')
+            eval_metrics = evaluate(
+                eval_model, loader_eval, args, device, autocast, distributed, rank, world_size, len(dataset_eval),
+                args.no_prefetcher, args.channels_last)
+            _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}%  '
+                         f'top-5 {eval_metrics["top5"]:.2f}%  ({eval_metrics["count"]} images)')
+            row = OrderedDict(
+                epoch=epoch, train_loss=round(train_metrics['loss'], 6), eval_loss=round(eval_metrics['loss'], 6),
+                eval_top1=round(eval_metrics['top1'], 4), eval_top5=round(eval_metrics['top5'], 4),
+                lr=optimizer.param_groups[0]['lr'])
+            rank_metrics = eval_metrics
+            if model_ema is not None:
+                ema_metrics = evaluate(
+                    model_ema.module, loader_eval, args, device, autocast, distributed, rank, world_size,
+                    len(dataset_eval), args.no_prefetcher, args.channels_last)
+                _logger.info(f'Eval (EMA): epoch {epoch}  loss {ema_metrics["loss"]:.4f}  top-1 '
+                             f'{ema_metrics["top1"]:.2f}%  top-5 {ema_metrics["top5"]:.2f}%')
+                row.update(ema_eval_loss=round(ema_metrics['loss'], 6), ema_eval_top1=round(ema_metrics['top1'], 4),
+                           ema_eval_top5=round(ema_metrics['top5'], 4))
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, rank_metrics[args.eval_metric])
+            if saver is not None:
+                summary_rows.append(row)
+                _write_summary(summary_path, summary_rows, fields)
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=rank_metrics[args.eval_metric])
+    except Stopped as s:
+        name = signal.Signals(s.signum).name
+        path = ''
+        if saver is not None:
+            path = saver.save_recovery(s.epoch, batch_idx=s.step)
+        if distributed:
+            torch.distributed.barrier()
+        if primary:
+            _logger.info(f'Stopped by {name} at epoch {s.epoch} step {s.step + 1}; recovery checkpoint: {path}')
+            print(f'To resume: {_resume_command(path, argv)}', file=sys.stderr, flush=True)
+        return 128 + s.signum
+
+    if best_metric is not None:
+        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    if saver is not None:
+        _logger.info(f'Checkpoints in {output_dir}')
+    if args.save_hf and primary:
+        _save_hf(args, output_dir, labels)
+    if distributed:
+        torch.distributed.barrier()
+    return 0
+
+
+def _save_hf(args, output_dir: str, labels) -> None:
+    try:
+        from .sharing import save_pretrained_folder
+    except ImportError as e:
+        raise UserError(f'--save-hf needs noah_mlp.sharing.save_pretrained_folder, which is not available ({e}).') \
+            from None
+    best = os.path.join(output_dir, 'model_best.pth.tar')
+    if not os.path.isfile(best):
+        best = os.path.join(output_dir, 'last.pth.tar')
+    ckpt = safe_load(best)
+    model = create_model_checked(args.model, **_model_args(args, []))
+    use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
+    sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
+    check_compatible(model, sd, best, args.model)
+    model.load_state_dict(sd)
+    model.eval()
+    save_pretrained_folder(model, args.save_hf, label_names=labels)
+    _logger.info(f'Wrote {"EMA " if use_ema else ""}weights of {best} as a timm local-dir: folder in {args.save_hf}')
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    code = cli_main(lambda: train(argv))
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if code == 0:
+                torch.distributed.destroy_process_group()
+    except Exception:  # pragma: no cover
+        pass
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
