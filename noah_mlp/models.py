@@ -151,7 +151,7 @@ def _build(model_cls: type, variant: str, pretrained: bool, arch_args: Dict[str,
     # caller's kwargs override architecture defaults instead of colliding with them
     model_args = dict(arch_args, **kwargs)
     out_indices = model_args.pop('out_indices', 3)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
@@ -159,6 +159,24 @@ def _build(model_cls: type, variant: str, pretrained: bool, arch_args: Dict[str,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **model_args,
     )
+    _record_model_args(model, kwargs)
+    return model
+
+
+# Options the factory hands to an entrypoint that say how to load or place a model, not what it is.
+_NOT_MODEL_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args', 'cache_dir', 'device', 'dtype')
+
+
+def _record_model_args(model: nn.Module, kwargs: Dict[str, Any]) -> None:
+    """Keep the caller's overrides (noah_head_num, key_ratio, img_size, ...) on the model.
+
+    timm's save_for_hf writes `model._model_args` to config.json as `model_args`, which
+    `create_model('local-dir:...')` / `'hf-hub:...'` pass back to the entrypoint. timm.create_model
+    records its own kwargs there too; this also covers calling an entrypoint function directly.
+    The per-variant defaults (block / mlp layer classes, ...) are not recorded: the name fixes them.
+    """
+    recorded = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS and v is not None}
+    model._model_args = dict(getattr(model, '_model_args', {}), **recorded)
 
 
 def _create_noah(variant: str, pretrained: bool = False, **kwargs: Any) -> NoahMlpMixer:
