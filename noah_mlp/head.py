@@ -11,13 +11,18 @@ with strict=True (`query.weight` (N*K, Ck/N, 1, 1), `query.bias` (N*K,), same fo
 output channel n*K + k is group n, class k). The computation never runs those convolutions: it
 goes through the attention identity below, which is exact and far cheaper.
 """
-from typing import Tuple
+import math
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['NoahHead', 'noah_split_sizes']
+__all__ = ['NoahHead', 'noah_split_sizes', 'class_attention']
+
+# Elements of the (samples, N, classes, L) attention one chunk of the CPU dropout path holds: about
+# 2 MiB in fp32, so a chunk and its gradient stay in the L2 caches of two cores.
+DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
 
 def noah_split_sizes(
@@ -48,6 +53,148 @@ def noah_split_sizes(
             f'NOAH with noah_head_num={num_heads} splits {in_features} channels (key_ratio={key_ratio}) into '
             f'{key_chs} key and {value_chs} value channels; both must be divisible by {num_heads}.')
     return key_chs, value_chs
+
+
+def bernoulli_drop_positions(numel: int, p: float, device=None) -> torch.Tensor:
+    """Sorted positions in [0, numel) where an i.i.d. Bernoulli(p) process says "drop".
+
+    The gaps between successive drops of a Bernoulli(p) sequence are i.i.d. geometric(p) (support
+    1, 2, ...), so the drop positions are the running sums of geometric draws, minus one. That
+    needs about numel * p random numbers instead of numel, and yields exactly the distribution of
+    an independent mask per element. Draws come from PyTorch's generator (`torch.manual_seed`).
+    """
+    if numel <= 0 or p <= 0.:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    mean = numel * p
+    draws = int(mean + 8. * math.sqrt(mean * (1. - p)) + 16)
+    ends = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
+    while int(ends[-1]) < numel:  # the last drop must lie beyond the range (almost never loops)
+        more = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
+        ends = torch.cat([ends, more.add_(ends[-1])])
+    count = int(torch.searchsorted(ends, numel, right=True))
+    return ends[:count].sub_(1)
+
+
+def _chunk_plan(B: int, N: int, K: int, L: int, chunk_elements: int) -> List[Tuple[int, int, int, int]]:
+    """(b0, b1, k0, k1) blocks covering (B, N, K, L) with about `chunk_elements` elements each."""
+    per_sample = N * K * L
+    if per_sample <= chunk_elements:
+        step = max(1, chunk_elements // per_sample)
+        return [(b, min(B, b + step), 0, K) for b in range(0, B, step)]
+    pieces = -(-per_sample // chunk_elements)
+    step = -(-K // pieces)
+    return [(b, b + 1, k, min(K, k + step)) for b in range(B) for k in range(0, K, step)]
+
+
+class _ChunkedDropoutAttention(torch.autograd.Function):
+    """softmax(q k^T) with dropout on the weights, times v; chunked, with a sparse saved mask.
+
+    q (N, K, D) is shared by the batch, k (B, N, L, D), v (B, N, L, Dv), scale 1; returns (B, N, K, Dv).
+    The (B, N, K, L) attention is only ever held one cache-sized chunk at a time. The forward
+    keeps the per-row log-sum-exp and the positions of the dropped weights (about numel * p
+    integers); the backward recomputes each chunk's attention from them, as flash attention does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: float, chunk_elements: int):
+        B, N, L, _ = k.shape
+        K, Dv = q.shape[1], v.shape[-1]
+        chunks = _chunk_plan(B, N, K, L, chunk_elements)
+        starts = [0]
+        for b0, b1, k0, k1 in chunks:
+            starts.append(starts[-1] + (b1 - b0) * N * (k1 - k0) * L)
+        numel = starts[-1]
+        # Positions count the chunks one after another: a relabelling of the (b, n, k, l) elements,
+        # so the mask is still independent per element.
+        drops = bernoulli_drop_positions(numel, p, q.device)
+        bounds = torch.searchsorted(drops, torch.tensor(starts, dtype=drops.dtype, device=drops.device)).tolist()
+        if numel < 2 ** 31:
+            drops = drops.to(torch.int32)
+        scale = 1. / (1. - p)
+        out = q.new_empty(B, N, K, Dv)
+        lse = q.new_empty(B, N, K, 1)
+        k_t = k.transpose(-1, -2)
+        for i, (b0, b1, k0, k1) in enumerate(chunks):
+            attn = torch.matmul(q[:, k0:k1], k_t[b0:b1])
+            row_max = attn.amax(-1, keepdim=True)
+            attn.sub_(row_max).exp_()
+            row_sum = attn.sum(-1, keepdim=True)
+            lse[b0:b1, :, k0:k1] = row_max + row_sum.log()
+            attn.mul_(row_sum.reciprocal_().mul_(scale))
+            attn.view(-1)[drops[bounds[i]:bounds[i + 1]] - starts[i]] = 0.
+            out[b0:b1, :, k0:k1] = torch.matmul(attn, v[b0:b1])
+        ctx.save_for_backward(q, k, v, out, lse, drops)
+        ctx.plan = (chunks, starts, bounds, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, drops = ctx.saved_tensors
+        chunks, starts, bounds, scale = ctx.plan
+        grad_out = grad_out.contiguous()
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # sum_l w[l] * dw[l] over the dropped, scaled weights w equals grad_out . out, row by row
+        row_dot = (grad_out * out).sum(-1, keepdim=True)
+        k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+        for i, (b0, b1, k0, k1) in enumerate(chunks):
+            dropped = drops[bounds[i]:bounds[i + 1]] - starts[i]
+            q_c, g_c = q[:, k0:k1], grad_out[b0:b1, :, k0:k1]
+            attn = torch.matmul(q_c, k_t[b0:b1]).sub_(lse[b0:b1, :, k0:k1]).exp_()  # softmax, recomputed
+            grad_s = torch.matmul(g_c, v_t[b0:b1]).mul_(scale)  # d(loss)/d(softmax), through the mask
+            grad_s.view(-1)[dropped] = 0.
+            grad_s.sub_(row_dot[b0:b1, :, k0:k1]).mul_(attn)  # through the softmax: d(loss)/d(scores)
+            attn.mul_(scale).view(-1)[dropped] = 0.  # the weights the forward used
+            grad_v[b0:b1] += torch.matmul(attn.transpose(-1, -2), g_c)
+            grad_k[b0:b1] += torch.matmul(grad_s.transpose(-1, -2), q_c)
+            grad_q[:, k0:k1] += torch.matmul(grad_s, k[b0:b1]).sum(0)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _chunked_path_applies(x: torch.Tensor) -> bool:
+    """Eager CPU fp32/fp64 without autocast; compile, export and tracing keep plain SDPA."""
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.onnx.is_in_onnx_export())
+
+
+def class_attention(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        dropout_p: float = 0.,
+        impl: str = 'auto',
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """softmax(query key^T) value with scale 1, per group, for class queries shared by the batch.
+
+    query (N, K, D), key (B, N, L, D), value (B, N, L, Dv) -> (B, N, K, Dv); dropout with rate
+    `dropout_p` on the attention weights (one independent mask per (b, n, k, l), scaled 1/(1-p)).
+
+    impl='sdpa' runs `F.scaled_dot_product_attention` (fused flash kernel on CPU without dropout,
+    flash / efficient kernels with dropout on CUDA; head sizes zero-padded to one size, a multiple
+    of 8 on CUDA). impl='chunked' runs the chunked CPU kernel above. 'auto' takes 'chunked' for
+    dropout in eager CPU fp32/fp64 (where SDPA would fall back to its materialising math backend),
+    'sdpa' otherwise.
+    """
+    if impl == 'auto':
+        impl = 'chunked' if dropout_p > 0. and _chunked_path_applies(key) else 'sdpa'
+    if impl == 'chunked':
+        if dropout_p <= 0.:
+            dropout_p = 0.
+        return _ChunkedDropoutAttention.apply(query, key, value, float(dropout_p), int(chunk_elements))
+    if impl != 'sdpa':
+        raise ValueError(f"impl must be 'auto', 'sdpa' or 'chunked', got {impl!r}.")
+    B = key.shape[0]
+    d, dv = query.shape[-1], value.shape[-1]
+    head_dim = max(d, dv)
+    if key.is_cuda:
+        head_dim = -(-head_dim // 8) * 8
+    query = F.pad(query, (0, head_dim - d)).unsqueeze(0).expand(B, -1, -1, -1)
+    key = F.pad(key, (0, head_dim - d))
+    value = F.pad(value, (0, head_dim - dv))
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=1.0)
+    return out[..., :dv]
 
 
 class NoahHead(nn.Module):
@@ -135,32 +282,20 @@ class NoahHead(nn.Module):
         # The attention identity: since sum_l a[l] = 1 and v is linear in the value tokens,
         #   sum_l a[b,n,k,l] * v[b,n,k,l] = Wv[n,k] . (sum_l a[b,n,k,l] xv[b,l,n]) + bv[n,k] * sum_l a[b,n,k,l],
         # so each group is plain attention with K learned class queries Wq[n], keys xk and values xv,
-        # scale 1: SDPA computes it without materialising (B, N, K, L) where a fused kernel runs.
-        # Dropout on v[b,n,k,l] is the same random operation as dropout on a[b,n,k,l], which SDPA's
-        # dropout_p does. Augmenting Q'=[Wq | bq], K'=[xk | 1], V'=[xv | 1] keeps it exact with
-        # dropout (the ones column of V' carries sum_l a) and keeps bq in the graph (softmax ignores it,
-        # but DDP needs every parameter to take part). Zero padding gives q/k and v one head size, which
-        # the fused kernels need; on CUDA it is rounded up to a multiple of 8.
-        B = x.shape[0]
+        # scale 1, which never needs v[b,n,k,l] and, in a fused kernel, not a[b,n,k,l] either.
+        # Dropout on v[b,n,k,l] is the same random operation as dropout on a[b,n,k,l]. Augmenting
+        # Q'=[Wq | bq], K'=[xk | 1], V'=[xv | 1] keeps it exact with dropout (the ones column of V'
+        # carries sum_l a) and keeps bq in the graph (softmax ignores it, but DDP needs every
+        # parameter to take part).
         xk, xv = self._split_tokens(x)
         wq, bq = self.class_queries()
         wv, bv = self.class_values()
-        dk, dv = wq.shape[-1], wv.shape[-1]
-        head_dim = max(dk, dv) + 1
-        if x.is_cuda:
-            head_dim = -(-head_dim // 8) * 8
         dtype = xk.dtype
         ones = xk.new_ones(xk.shape[:-1] + (1,))
-
-        query = torch.cat([wq.to(dtype), bq.to(dtype).unsqueeze(-1)], dim=-1)
-        query = F.pad(query, (0, head_dim - dk - 1))
-        key = F.pad(torch.cat([xk, ones], dim=-1), (0, head_dim - dk - 1))
-        value = F.pad(torch.cat([xv, ones], dim=-1), (0, head_dim - dv - 1))
-        query = query.unsqueeze(0).expand(B, -1, -1, -1)
-
+        query = torch.cat([wq.to(dtype), bq.to(dtype).unsqueeze(-1)], dim=-1)  # (N, K, dk + 1)
+        key = torch.cat([xk, ones], dim=-1)  # (B, N, L, dk + 1)
+        value = torch.cat([xv, ones], dim=-1)  # (B, N, L, dv + 1)
         drop = self.drop if self.training else 0.
-        z = F.scaled_dot_product_attention(query, key, value, dropout_p=drop, scale=1.0)  # (B, N, K, D)
-
+        z = class_attention(query, key, value, dropout_p=drop)  # (B, N, K, dv + 1)
         value_weight = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
-        z = z[..., :dv + 1]
         return torch.einsum('bnkd,nkd->bk', z, value_weight.to(z.dtype))
