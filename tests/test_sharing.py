@@ -169,3 +169,38 @@ def test_hf_hub_loading_reads_the_same_folder(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_train_save_hf_writes_the_best_checkpoint_with_class_names(tmp_path):
+    """`noah-train ... --save-hf DIR`: one tiny epoch, then the folder reloads with the checkpoint's weights."""
+    import numpy as np
+    from PIL import Image
+
+    from noah_mlp.train import main as train_main
+
+    rng = np.random.default_rng(0)
+    classes = ['cat', 'dog', 'eel']
+    for split in ('train', 'validation'):
+        for name in classes:
+            (tmp_path / 'data' / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / 'data' / split / name / f'{i}.png')
+    out_dir, hf_dir = tmp_path / 'out', tmp_path / 'hf'
+    code = train_main([
+        str(tmp_path / 'data'), '--model', 'noah_gmlp_ti16_224', '--img-size', '32',
+        '--model-kwargs', 'patch_size=8', 'num_blocks=1', 'noah_head_num=2', 'key_ratio=0.25',
+        '--epochs', '1', '--warmup-epochs', '0', '-b', '3', '--workers', '0',
+        '--output', str(out_dir), '--save-hf', str(hf_dir)])
+    assert code == 0
+    config = json.loads((hf_dir / 'config.json').read_text())
+    assert config['label_names'] == classes and config['num_classes'] == 3
+    assert config['model_args']['noah_head_num'] == 2 and config['model_args']['key_ratio'] == 0.25
+
+    (best,) = out_dir.glob('*/model_best.pth.tar')
+    state = torch.load(best, map_location='cpu', weights_only=False)['state_dict']
+    loaded = timm.create_model(f'local-dir:{hf_dir}', pretrained=True).eval()
+    assert list(loaded.pretrained_cfg['label_names']) == classes
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
