@@ -79,11 +79,14 @@ def amp_autocast(device: torch.device, enabled: bool, dtype_name: str):
 
 
 def setup_logging(primary: bool, level: int = logging.INFO) -> None:
-    """Log lines to stdout on the primary process; other ranks log warnings and errors only."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    """Log lines of this package to stdout on the primary process; other ranks log warnings and errors only."""
+    logger = logging.getLogger('noah_mlp')
+    for h in list(logger.handlers):
+        if getattr(h, '_noah_mlp', False):
+            logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter('%(message)s'))
-    root.addHandler(handler)
-    root.setLevel(level if primary else logging.WARNING)
+    handler._noah_mlp = True
+    logger.addHandler(handler)
+    logger.setLevel(level if primary else logging.WARNING)
+    logger.propagate = False

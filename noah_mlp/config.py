@@ -100,14 +100,14 @@ def parse_args_with_config(
         mapped: Dict[str, Any] = {}
         for key, value in cfg.items():
             norm = str(key).replace('-', '_')
-            if norm in dests:
+            if norm in dests and norm not in legacy:
                 mapped[norm] = value
         for key, value in cfg.items():
             norm = str(key).replace('-', '_')
-            if norm in dests:
-                continue
             if norm in legacy:
                 legacy[norm](mapped, value, notes)
+                continue
+            if norm in dests:
                 continue
             close = difflib.get_close_matches(norm, list(dests), n=3)
             hint = f' (did you mean {", ".join(close)}?)' if close else ''

@@ -212,6 +212,11 @@ class StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)
@@ -487,6 +492,13 @@ def train(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stop = StopRequest()
     stop.install()
+    try:
+        return _train(argv, stop)
+    finally:
+        stop.restore()
+
+
+def _train(argv: List[str], stop: StopRequest) -> int:
     parser = build_parser()
     args, notes = parse_args_with_config(parser, argv)
     _check_args(args)
@@ -619,7 +631,7 @@ def train(argv: Optional[List[str]] = None) -> int:
 
     train_model = model
     if distributed:
-        ddp_kwargs = dict(broadcast_buffers=not args.no_ddp_bb)
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
         if device.type == 'cuda':
             ddp_kwargs['device_ids'] = [local_rank]
         train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
@@ -685,11 +697,9 @@ def train(argv: Optional[List[str]] = None) -> int:
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
-    if lr_scheduler is not None and resume_ckpt is not None and 'scheduler' in resume_ckpt:
-        try:
-            lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
-        except (KeyError, TypeError, ValueError):
-            _logger.warning('note: scheduler state in the checkpoint does not fit --sched; recomputed from the epoch.')
+    # timm's schedulers are functions of the epoch / update count: resuming positions the schedule of this
+    # command line at the resumed epoch (the checkpoint's 'scheduler' entry is informative only, so a resume
+    # with more --epochs stretches the schedule instead of keeping the old one).
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -759,7 +769,7 @@ def train(argv: Optional[List[str]] = None) -> int:
                 epoch=epoch, train_loss=round(train_metrics['loss'], 6), eval_loss=round(eval_metrics['loss'], 6),
                 eval_top1=round(eval_metrics['top1'], 4), eval_top5=round(eval_metrics['top5'], 4),
                 lr=optimizer.param_groups[0]['lr'])
-            rank_metrics = eval_metrics
+            rank_metrics = eval_metrics  # with --model-ema the EMA weights rank checkpoints (as in timm)
             if model_ema is not None:
                 ema_metrics = evaluate(
                     model_ema.module, loader_eval, args, device, autocast, distributed, rank, world_size,
@@ -768,6 +778,7 @@ def train(argv: Optional[List[str]] = None) -> int:
                              f'{ema_metrics["top1"]:.2f}%  top-5 {ema_metrics["top5"]:.2f}%')
                 row.update(ema_eval_loss=round(ema_metrics['loss'], 6), ema_eval_top1=round(ema_metrics['top1'], 4),
                            ema_eval_top5=round(ema_metrics['top5'], 4))
+                rank_metrics = ema_metrics
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, rank_metrics[args.eval_metric])
             if saver is not None:
