@@ -63,7 +63,10 @@ def save_pretrained_folder(
     Reload with `timm.create_model(f'local-dir:{out_dir}', pretrained=True)` after `import noah_mlp`;
     add `num_classes=K` to keep the backbone and start a fresh head.
     """
-    from timm.models import save_for_hf
+    try:
+        from timm.models import save_for_hf
+    except ImportError:  # timm releases that do not re-export it
+        from timm.models._hub import save_for_hf
 
     model = unwrap_model(model)
     if not isinstance(getattr(model, 'pretrained_cfg', None), dict):
@@ -88,6 +91,14 @@ def save_pretrained_folder(
         if names:
             model_config['label_names'] = names
     args = dict(_noah_head_args(model), **(model_args or {}))
+    try:
+        from timm.models import get_model_args  # noqa: F401  (timm that writes recorded arguments itself)
+    except ImportError:
+        # older timm writes `model_args` only when given: pass what the factory / entrypoint recorded
+        recorded = {k: v for k, v in getattr(model, '_model_args', {}).items()
+                    if k not in ('drop_rate', 'drop_path_rate', 'drop_block_rate') and not k.endswith('_drop_rate')}
+        recorded['num_classes'] = model.num_classes
+        args = dict(recorded, **args)
     out_dir = Path(out_dir)
     save_for_hf(model, str(out_dir), model_config=model_config or None, model_args=args or None,
                 safe_serialization=True)
