@@ -319,9 +319,11 @@ def _read_checkpoint_meta(path: str) -> Dict[str, Any]:
     return {key: value for key, value in ckpt.items() if not isinstance(value, torch.Tensor)}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """The message of `e` on one line (multi-line messages, e.g. load_state_dict's, are joined)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = '; '.join(lines) if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def _state_dict_num_classes(meta: Dict[str, Any], path: str, num_heads: int) -> Optional[int]:
