@@ -7,11 +7,14 @@ A NOAH model travels like any timm model. `save_pretrained_folder` writes the fo
 `export_onnx` / `check_onnx` export a model in eval mode with a dynamic batch dimension and compare
 onnxruntime against PyTorch (needs the `onnx` extra: `pip install "noah-mlp[onnx]"`).
 """
+import logging
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['save_pretrained_folder', 'export_onnx', 'check_onnx', 'model_input_size', 'unwrap_model']
 
@@ -56,7 +59,7 @@ def save_pretrained_folder(
     A thin layer over `timm.models.save_for_hf(model, out_dir, safe_serialization=True)`, which on
     its own already writes a folder that rebuilds a NOAH model with its non-default settings. This
     also unwraps compiled / DDP / EMA models, records `label_names` (one name per class, index
-    order, e.g. a dataset's `classes`) and spells out the NOAH head settings in `model_args`.
+    order, e.g. a dataset's `classes`; fewer names than classes are written as {index: name}) and spells out the NOAH head settings in `model_args`.
     `model_args` adds JSON-serialisable reconstruction arguments of your own. Drop rates are not
     recorded (timm's convention): pass e.g. `head_drop_rate=` again when fine-tuning.
 
@@ -85,9 +88,13 @@ def save_pretrained_folder(
             if isinstance(label_names, str):
                 raise ValueError('label_names must be a sequence of class names, not one string.')
             names = [str(n) for n in label_names]
-            if len(names) != num_classes:
+            if len(names) > (num_classes or 0):
                 raise ValueError(
                     f'label_names has {len(names)} names but the model has num_classes={num_classes}.')
+            if names and len(names) < num_classes:
+                # e.g. --num-classes above the dataset's class count: name the classes that have names
+                _logger.warning(f'{len(names)} label names for {num_classes} classes; the rest stay unnamed.')
+                names = dict(enumerate(names))
         if names:
             model_config['label_names'] = names
     args = dict(_noah_head_args(model), **(model_args or {}))

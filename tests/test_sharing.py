@@ -126,7 +126,13 @@ def test_save_pretrained_folder_label_names_and_wrappers(tmp_path):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
     with pytest.raises(ValueError, match='7'):
-        save_pretrained_folder(model, tmp_path / 'bad', label_names=names[:-1])
+        save_pretrained_folder(model, tmp_path / 'bad', label_names=names + ['extra'])
+    # fewer names than classes (e.g. --num-classes above the dataset's count): the named ones, by index
+    out = save_pretrained_folder(model, tmp_path / 'some', label_names=names[:3])
+    assert json.loads((out / 'config.json').read_text())['label_names'] == {'0': 'class_0', '1': 'class_1',
+                                                                             '2': 'class_2'}
+    out = save_pretrained_folder(model, tmp_path / 'none', label_names=[])
+    assert 'label_names' not in json.loads((out / 'config.json').read_text())
     with pytest.raises(ValueError, match='pretrained_cfg'):
         save_pretrained_folder(noah_mlp.NoahMlpMixer(num_classes=2, img_size=32, patch_size=8, num_blocks=1,
                                                      embed_dim=16), tmp_path / 'bare')
