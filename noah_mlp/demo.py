@@ -141,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default='./noah_demo', metavar='DIR', help='folder for the dataset and the run')
     p.add_argument('--epochs', type=int, default=20)
     p.add_argument('--nproc', type=int, default=None, help='training processes (default: 2 with >= 2 cores)')
+    p.add_argument('--limit', type=int, default=None, metavar='N', help='use only the first N digits (a quick smoke run)')
     return p
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    r = run_demo(args.output, epochs=args.epochs, nproc=args.nproc)
+    r = run_demo(args.output, epochs=args.epochs, nproc=args.nproc, limit=args.limit)
     print(f"Demo: held-out top-1 {r['top1']:.2f}% (top-5 {r['top5']:.2f}%) on {r['images']} digit images never "
           f"trained on; {r['seconds']:.0f} s on {r['nproc']} process(es). Checkpoint: {r['checkpoint']}", flush=True)
     return 0

@@ -1,0 +1,36 @@
+"""The embedded demo: its dataset writer and a tiny end-to-end run (the full demo is too slow here)."""
+import os
+import re
+
+import pytest
+from PIL import Image
+
+pytest.importorskip('sklearn')
+
+from noah_mlp import demo  # noqa: E402
+
+
+def test_write_digits_dataset(tmp_path):
+    counts = demo.write_digits_dataset(str(tmp_path), img_size=32, limit=200)
+    assert counts['train'] + counts['val'] == 200
+    assert 30 <= counts['val'] <= 50  # 20 % held out, per digit
+    for split in ('train', 'val'):
+        assert sorted(os.listdir(tmp_path / split)) == [str(d) for d in range(10)]
+    img = Image.open(next((tmp_path / 'val' / '3').iterdir()))
+    assert img.size == (32, 32) and img.mode == 'RGB'
+    train_files = {f for d in range(10) for f in os.listdir(tmp_path / 'train' / str(d))}
+    val_files = {f for d in range(10) for f in os.listdir(tmp_path / 'val' / str(d))}
+    assert not train_files & val_files  # held-out images are never trained on
+
+
+def test_tiny_demo_run(tmp_path, capfd):
+    code = demo.main(['--output', str(tmp_path), '--epochs', '1', '--nproc', '1', '--limit', '300'])
+    out = capfd.readouterr().out
+    assert code == 0
+    m = re.search(r'held-out top-1 (\d+\.\d+)%', out)
+    assert m, out[-2000:]
+    assert 0. <= float(m.group(1)) <= 100.
+    r = demo.run_demo(str(tmp_path), epochs=1, nproc=1, limit=300, quiet=True)  # already trained: resumes, no work
+    assert os.path.isfile(r['checkpoint']) and os.path.isdir(r['val_root'])
+    assert r['experiment_dir'] == os.path.dirname(r['checkpoint'])
+    assert abs(r['top1'] - float(m.group(1))) < 0.006  # printed with 2 decimals
