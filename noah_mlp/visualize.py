@@ -71,13 +71,20 @@ def _label(class_names: Optional[Sequence[str]], index: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # images
 
-def _data_config(model: nn.Module) -> Dict[str, Any]:
+def _data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """timm's eval data config for `model` at the size it was built for; `overrides` (crop_pct, mean,
+    std, interpolation; None values ignored) win over the model's pretrained cfg."""
     from timm.data import resolve_data_config
     stem = model.stem
     in_chans = stem.proj.in_channels
     img_size = tuple(stem.img_size)
     # the pretrained cfg keeps its 224 px input size when the model was built for another size
-    return resolve_data_config({'input_size': (in_chans,) + img_size}, model=model)
+    args = {key: value for key, value in (overrides or {}).items() if value not in (None, '')}
+    args['input_size'] = (in_chans,) + img_size
+    cfg = resolve_data_config(args, model=model)
+    cfg['mean'] = _channel_stats(cfg['mean'], in_chans)
+    cfg['std'] = _channel_stats(cfg['std'], in_chans)
+    return cfg
 
 
 def _channel_stats(values: Sequence[float], in_chans: int) -> Tuple[float, ...]:
@@ -93,20 +100,19 @@ def preprocess_images(
         model: nn.Module,
         images: Sequence[ImageLike],
         transform=None,
+        data_config: Optional[Dict[str, Any]] = None,
 ) -> torch.Tensor:
     """Open image files (or take PIL images) and apply the model's eval transform -> (B, C, H, W).
 
     The default transform is timm's `create_transform` for the model's data config (resize by
-    crop_pct, center crop to the size the model was built for, normalise with its mean/std).
+    crop_pct, center crop to the size the model was built for, normalise with its mean/std);
+    `data_config` entries (crop_pct, mean, std, interpolation) override the model's.
     """
     from PIL import Image
     in_chans = model.stem.proj.in_channels
     if transform is None:
         from timm.data import create_transform
-        cfg = _data_config(model)
-        cfg['mean'] = _channel_stats(cfg['mean'], in_chans)
-        cfg['std'] = _channel_stats(cfg['std'], in_chans)
-        transform = create_transform(**cfg, is_training=False)
+        transform = create_transform(**_data_config(model, data_config), is_training=False)
     tensors = []
     for img in images:
         if not isinstance(img, Image.Image):
@@ -215,6 +221,7 @@ def write_attention_figures(
         std: Optional[Sequence[float]] = None,
         transform=None,
         title: Optional[str] = None,
+        data_config: Optional[Dict[str, Any]] = None,
 ) -> List[Path]:
     """Write one attention PNG per image into `out_dir`; return their paths.
 
@@ -228,6 +235,8 @@ def write_attention_figures(
         names: file name stems (default: the image files' stems, or image_000, ...).
         mean, std: the normalisation to undo for display (default: the model's data config).
         title: prefix of each figure's title (default: the model's name).
+        data_config: overrides of the model's eval preprocessing (crop_pct, mean, std, interpolation),
+            e.g. those the model was trained with.
     """
     head = noah_head_of(model)
     token_grid(model)
@@ -250,7 +259,7 @@ def write_attention_figures(
     if len(names) != count:
         raise ValueError(f'{len(names)} names given for {count} images.')
     if mean is None or std is None:
-        cfg = _data_config(model)
+        cfg = _data_config(model, data_config)
         mean = cfg['mean'] if mean is None else mean
         std = cfg['std'] if std is None else std
     model_name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
@@ -264,7 +273,7 @@ def write_attention_figures(
         if batch is not None:
             x = batch[start:start + _BATCH]
         else:
-            x = preprocess_images(model, images[start:start + _BATCH], transform=transform)
+            x = preprocess_images(model, images[start:start + _BATCH], transform=transform, data_config=data_config)
         x = x.to(device=device, dtype=next(model.parameters()).dtype)
         att = noah_attention(model, x, topk=topk)
         shown = _to_display(x, mean, std)
@@ -353,6 +362,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help='classes of the checkpoint (default: from the checkpoint)')
     p.add_argument('--topk', type=int, default=3, help='classes (rows) per picture (default 3)')
     p.add_argument('--out', required=True, metavar='DIR', help='folder for the PNG files')
+    p.add_argument('--crop-pct', type=float, default=None,
+                   help='center-crop fraction (default: from the checkpoint\'s training args, else the model cfg)')
     p.add_argument('--class-names', metavar='FILE', default=None, help='class names, one per line')
     p.add_argument('--use-ema', action='store_true', help='use the EMA weights of a training checkpoint')
     p.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
@@ -433,9 +444,13 @@ def _run(args: argparse.Namespace) -> List[Path]:
                 opened.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise _CliError(f'cannot read image {img}: {_first_line(e)}') from None
+    # preprocess as the model was trained/validated (timm's training args), unless told otherwise
+    data_config = {key: train_args.get(key) for key in ('crop_pct', 'mean', 'std', 'interpolation')}
+    if args.crop_pct is not None:
+        data_config['crop_pct'] = args.crop_pct
     return write_attention_figures(
         model, args.images, args.out, class_names=class_names, topk=min(args.topk, head.num_classes),
-        title=args.model)
+        title=args.model, data_config=data_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

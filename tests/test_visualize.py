@@ -113,11 +113,20 @@ def record_names(monkeypatch):
     return seen
 
 
-def test_cli_with_training_checkpoint(tmp_path, capsys, record_names):
+def test_cli_with_training_checkpoint(tmp_path, capsys, record_names, monkeypatch):
     model = tiny()
     ckpt = save_checkpoint(
         tmp_path / 'model_best.pth.tar', model, class_names=NAMES,
-        args=argparse.Namespace(model='noah_gmlp_ti16_224', img_size=32, num_classes=5, model_kwargs=ARCH))
+        args=argparse.Namespace(model='noah_gmlp_ti16_224', img_size=32, num_classes=5, model_kwargs=ARCH,
+                                crop_pct=1.0, mean=None, std=None, interpolation=''))
+    configs = []
+    original = viz.preprocess_images
+
+    def recording(model, images, transform=None, data_config=None):
+        configs.append(data_config)
+        return original(model, images, transform=transform, data_config=data_config)
+
+    monkeypatch.setattr(viz, 'preprocess_images', recording)
     files = write_images(tmp_path, 2)
     out = tmp_path / 'out'
     rc = viz.main(['--model', 'noah_gmlp_ti16_224', '--checkpoint', ckpt, '--topk', '2', '--out', str(out)] + files)
@@ -129,6 +138,7 @@ def test_cli_with_training_checkpoint(tmp_path, capsys, record_names):
     with Image.open(written[0]) as img:
         assert img.size == figure_size(model, 2)
     assert record_names == [NAMES, NAMES]
+    assert configs and all(c['crop_pct'] == 1.0 for c in configs)  # preprocessed as in training
 
 
 def test_cli_bare_state_dict_with_options(tmp_path, capsys, record_names):
@@ -211,3 +221,17 @@ def test_module_entry_point_exit_status(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f'error: image not found: {tmp_path / "none.jpg"}'
+
+
+def test_preprocessing_follows_training_args(tmp_path):
+    model = tiny()
+    cfg = viz._data_config(model, {'crop_pct': 1.0, 'mean': None, 'interpolation': ''})
+    assert cfg['crop_pct'] == 1.0 and cfg['input_size'] == (3, 32, 32)
+    assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['interpolation'] == 'bicubic'  # the model's cfg
+    # with crop_pct 1.0 a 32 px image reaches the model untouched (up to normalisation)
+    pixels = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    x = viz.preprocess_images(model, [Image.fromarray(pixels)], data_config={'crop_pct': 1.0})
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(viz._to_display(x, cfg['mean'], cfg['std'])[0]),
+                               torch.from_numpy(pixels).float().div(255), atol=1e-5, rtol=0)
