@@ -59,7 +59,8 @@ def save_pretrained_folder(
     A thin layer over `timm.models.save_for_hf(model, out_dir, safe_serialization=True)`, which on
     its own already writes a folder that rebuilds a NOAH model with its non-default settings. This
     also unwraps compiled / DDP / EMA models, records `label_names` (one name per class, index
-    order, e.g. a dataset's `classes`; fewer names than classes are written as {index: name}) and spells out the NOAH head settings in `model_args`.
+    order, e.g. a dataset's `classes`; fewer names than classes are written as {index: name})
+    and spells out the NOAH head settings in `model_args`.
     `model_args` adds JSON-serialisable reconstruction arguments of your own. Drop rates are not
     recorded (timm's convention): pass e.g. `head_drop_rate=` again when fine-tuning.
 
