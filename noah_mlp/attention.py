@@ -13,7 +13,7 @@ The maps are computed from the head's own parameters on the model's own final to
 
     logits[b, k] = sum_n sum_{h,w} maps[b, n, k, h, w] * values[b, n, k, h, w]
 """
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -5,7 +5,11 @@
 
 writes one PNG per image: a row for each of the top-k classes (name and probability), columns for
 the input, the attention map of each NOAH group and the mean over the groups, each map upsampled
-to the image and overlaid on it. `write_attention_figures` does the same from Python (the demo uses it).
+to the image and overlaid on it. From Python:
+
+    loaded = load_noah_model('noah_gmlp_ti16_224', 'model_best.pth.tar')
+    paths = write_attention_figures(loaded.model, ['cat.jpg'], 'attention/', class_names=loaded.class_names,
+                                    data_config=loaded.data_config)
 
 Drawing goes through matplotlib's object-oriented API on an Agg canvas, so no display (and no
 pyplot state) is ever needed.
@@ -14,7 +18,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,9 +28,12 @@ import torch.nn.functional as F
 from .attention import NoahAttention, noah_attention, noah_head_of, token_grid
 
 __all__ = [
+    'LoadedModel',
+    'VisualizeError',
     'attention_figure',
     'default_class_names',
     'load_class_names',
+    'load_noah_model',
     'main',
     'preprocess_images',
     'write_attention_figures',
@@ -292,8 +299,16 @@ def write_attention_figures(
 # ----------------------------------------------------------------------------------------------
 # command line
 
-class _CliError(Exception):
-    pass
+class VisualizeError(ValueError):
+    """A user-facing problem (missing file, unknown model, weights that do not fit): one-line message."""
+
+
+class LoadedModel(NamedTuple):
+    """A NOAH model with its weights, the class names that go with them and the eval preprocessing
+    it was trained with (crop_pct, mean, std, interpolation; None = the model's default)."""
+    model: nn.Module
+    class_names: Optional[List[str]]
+    data_config: Dict[str, Any]
 
 
 def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
@@ -302,7 +317,7 @@ def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise _CliError(f'--model-kwargs expects key=value, got {item!r}')
+            raise VisualizeError(f'--model-kwargs expects key=value, got {item!r}')
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -322,9 +337,9 @@ def _read_checkpoint_meta(path: str) -> Dict[str, Any]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise _CliError(f'cannot read checkpoint {path}: {_first_line(e)}') from None
+            raise VisualizeError(f'cannot read checkpoint {path}: {_first_line(e)}') from None
     if not isinstance(ckpt, dict):
-        raise _CliError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
+        raise VisualizeError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
     return {key: value for key, value in ckpt.items() if not isinstance(value, torch.Tensor)}
 
 
@@ -335,7 +350,7 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
-def _state_dict_num_classes(meta: Dict[str, Any], path: str, num_heads: int) -> Optional[int]:
+def _state_dict_num_classes(path: str, num_heads: int) -> Optional[int]:
     from timm.models import load_state_dict
     try:
         state = load_state_dict(path, use_ema=False, weights_only=True)
@@ -372,70 +387,96 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> List[Path]:
+def load_noah_model(
+        model_name: str,
+        checkpoint: str,
+        img_size: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        class_names_file: Optional[str] = None,
+        use_ema: bool = False,
+        device: Union[str, torch.device] = 'cpu',
+) -> LoadedModel:
+    """Create `model_name` and load `checkpoint` into it (timm's loader, weights_only, strict).
+
+    Architecture and preprocessing come from the checkpoint's training args when it is a timm-style
+    training checkpoint (`args.model_kwargs`, `img_size`, `num_classes`, `in_chans`, `crop_pct`, ...);
+    explicit arguments win. Class names: `class_names_file`, else the checkpoint's `class_names`,
+    else None (`write_attention_figures` then uses ImageNet names for 1000 classes, or indices).
+    Raises VisualizeError (a ValueError) with a one-line message for anything the user can fix.
+    """
     import timm
     from . import models as _models  # noqa: F401  (registers the NOAH models)
 
-    if args.topk < 1:
-        raise _CliError(f'--topk must be at least 1, got {args.topk}')
-    for img in args.images:
-        if not os.path.isfile(img):
-            raise _CliError(f'image not found: {img}')
-    if not os.path.isfile(args.checkpoint):
-        raise _CliError(f'checkpoint not found: {args.checkpoint}')
-    if not timm.is_model(args.model):
-        raise _CliError(f"unknown model '{args.model}' (NOAH models: "
-                        f"{', '.join(timm.list_models('noah_*')[:4])}, ...; see timm.list_models('noah_*'))")
+    if not os.path.isfile(checkpoint):
+        raise VisualizeError(f'checkpoint not found: {checkpoint}')
+    if not timm.is_model(model_name):
+        raise VisualizeError(f"unknown model '{model_name}' (NOAH models: "
+                             f"{', '.join(timm.list_models('noah_*')[:4])}, ...; see timm.list_models('noah_*'))")
 
-    meta = _read_checkpoint_meta(args.checkpoint)
+    meta = _read_checkpoint_meta(checkpoint)
     train_args = meta.get('args')
     train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else (
         train_args if isinstance(train_args, dict) else {})
 
     class_names = None
-    if args.class_names:
+    if class_names_file:
         try:
-            class_names = load_class_names(args.class_names)
+            class_names = load_class_names(class_names_file)
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise _CliError(f'cannot read class names from {args.class_names}: {_first_line(e)}') from None
+            raise VisualizeError(f'cannot read class names from {class_names_file}: {_first_line(e)}') from None
     elif isinstance(meta.get('class_names'), (list, tuple)) and meta['class_names']:
         class_names = [str(n) for n in meta['class_names']]
 
     kwargs = dict(train_args.get('model_kwargs') or {})
-    kwargs.update(_parse_kwargs(args.model_kwargs))
-    img_size = args.img_size or train_args.get('img_size')
+    kwargs.update(model_kwargs or {})
+    img_size = img_size or train_args.get('img_size')
     if img_size:
         kwargs['img_size'] = img_size
     if train_args.get('in_chans') and 'in_chans' not in kwargs:
         kwargs['in_chans'] = train_args['in_chans']
-    num_classes = args.num_classes or train_args.get('num_classes') or (len(class_names) if class_names else None)
+    num_classes = num_classes or train_args.get('num_classes') or (len(class_names) if class_names else None)
     if num_classes is None:
-        heads = kwargs.get('noah_head_num', 4)
-        num_classes = _state_dict_num_classes(meta, args.checkpoint, heads)
+        num_classes = _state_dict_num_classes(checkpoint, kwargs.get('noah_head_num', 4))
     if num_classes:
         kwargs['num_classes'] = num_classes
 
     try:
-        model = timm.create_model(args.model, **kwargs)
+        model = timm.create_model(model_name, **kwargs)
     except Exception as e:
-        raise _CliError(f'cannot create {args.model} with {kwargs}: {_first_line(e)}') from None
+        raise VisualizeError(f'cannot create {model_name} with {kwargs}: {_first_line(e)}') from None
     try:
         head = noah_head_of(model)
     except TypeError as e:
-        raise _CliError(_first_line(e)) from None
+        raise VisualizeError(_first_line(e)) from None
     if class_names is not None and len(class_names) != head.num_classes:
-        raise _CliError(f'{len(class_names)} class names for a model with {head.num_classes} classes')
+        raise VisualizeError(f'{len(class_names)} class names for a model with {head.num_classes} classes')
     try:
         from timm.models import load_checkpoint
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, strict=True, weights_only=True)
+        load_checkpoint(model, checkpoint, use_ema=use_ema, strict=True, weights_only=True)
     except Exception as e:
-        raise _CliError(f'cannot load {args.checkpoint} into {args.model} '
-                        f'({head.num_classes} classes): {_first_line(e)}') from None
+        raise VisualizeError(f'cannot load {checkpoint} into {model_name} '
+                             f'({head.num_classes} classes): {_first_line(e)}') from None
     try:
-        model = model.to(args.device)
+        model = model.to(device)
     except Exception as e:
-        raise _CliError(f'cannot use device {args.device!r}: {_first_line(e)}') from None
+        raise VisualizeError(f'cannot use device {device!r}: {_first_line(e)}') from None
     model.eval()
+    # preprocess as the model was trained/validated (timm's training args)
+    data_config = {key: train_args.get(key) for key in ('crop_pct', 'mean', 'std', 'interpolation')}
+    return LoadedModel(model, class_names, data_config)
+
+
+def _run(args: argparse.Namespace) -> List[Path]:
+    if args.topk < 1:
+        raise VisualizeError(f'--topk must be at least 1, got {args.topk}')
+    for img in args.images:
+        if not os.path.isfile(img):
+            raise VisualizeError(f'image not found: {img}')
+    loaded = load_noah_model(
+        args.model, args.checkpoint, img_size=args.img_size, num_classes=args.num_classes,
+        model_kwargs=_parse_kwargs(args.model_kwargs), class_names_file=args.class_names,
+        use_ema=args.use_ema, device=args.device)
 
     from PIL import Image, UnidentifiedImageError
     for img in args.images:
@@ -443,14 +484,13 @@ def _run(args: argparse.Namespace) -> List[Path]:
             with Image.open(img) as opened:
                 opened.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise _CliError(f'cannot read image {img}: {_first_line(e)}') from None
-    # preprocess as the model was trained/validated (timm's training args), unless told otherwise
-    data_config = {key: train_args.get(key) for key in ('crop_pct', 'mean', 'std', 'interpolation')}
+            raise VisualizeError(f'cannot read image {img}: {_first_line(e)}') from None
+    data_config = dict(loaded.data_config)
     if args.crop_pct is not None:
         data_config['crop_pct'] = args.crop_pct
     return write_attention_figures(
-        model, args.images, args.out, class_names=class_names, topk=min(args.topk, head.num_classes),
-        title=args.model, data_config=data_config)
+        loaded.model, args.images, args.out, class_names=loaded.class_names,
+        topk=min(args.topk, noah_head_of(loaded.model).num_classes), title=args.model, data_config=data_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -459,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = _run(args)
-    except _CliError as e:
+    except VisualizeError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     except Exception as e:  # no tracebacks for users; the message says what went wrong

@@ -70,7 +70,8 @@ def test_figure_labels_rows_with_names_and_probabilities():
         c = int(att.classes[0, row])
         label = axes[row, 0].get_ylabel()
         assert NAMES[c] in label and f'{float(probs[c]):.1%}' in label
-    assert [ax.get_title() for ax in axes[0]] == ['input', 'group 1', 'group 2', 'group 3', 'group 4', 'mean of 4 groups']
+    titles = [ax.get_title() for ax in axes[0]]
+    assert titles == ['input', 'group 1', 'group 2', 'group 3', 'group 4', 'mean of 4 groups']
     # each map panel carries its share of the logit; the mean column carries the whole logit
     logit = float(att.logits[0, int(att.classes[0, 0])])
     assert f'logit {logit:+.2f}' in axes[0, -1].texts[0].get_text()
@@ -235,3 +236,17 @@ def test_preprocessing_follows_training_args(tmp_path):
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.from_numpy(viz._to_display(x, cfg['mean'], cfg['std'])[0]),
                                torch.from_numpy(pixels).float().div(255), atol=1e-5, rtol=0)
+
+
+def test_load_noah_model_for_notebooks(tmp_path):
+    model = tiny()
+    ckpt = save_checkpoint(tmp_path / 'last.pth.tar', model, class_names=NAMES,
+                           args=argparse.Namespace(img_size=32, num_classes=5, model_kwargs=ARCH, crop_pct=0.95))
+    loaded = viz.load_noah_model('noah_gmlp_ti16_224', ckpt)
+    assert loaded.class_names == NAMES and loaded.data_config['crop_pct'] == 0.95
+    assert not loaded.model.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x))
+    with pytest.raises(ValueError, match='checkpoint not found'):
+        viz.load_noah_model('noah_gmlp_ti16_224', str(tmp_path / 'missing.pth'))
