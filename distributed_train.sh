@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch train.py on NUM_PROC processes per node with torchrun.
+# Launch train.py on NUM_PROC processes per node with torchrun (through noah_mlp.launch, which exits
+# with the failing worker's status instead of printing a launcher traceback).
 #
 #   bash distributed_train.sh NUM_PROC DATA [train.py options...]
 #   bash distributed_train.sh NUM_PROC [torchrun options...] DATA [train.py options...]
@@ -51,5 +52,5 @@ if [ "$MULTI_NODE" -eq 0 ] && [[ " ${TORCHRUN_OPTS[*]:-} " != *" --standalone "*
     TORCHRUN_OPTS+=(--standalone)
 fi
 # shellcheck disable=SC2086
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node="$NUM_PROC" ${TORCHRUN_ARGS:-} "${TORCHRUN_OPTS[@]}" \
+exec "$PYTHON" -m noah_mlp.launch --nproc-per-node="$NUM_PROC" ${TORCHRUN_ARGS:-} "${TORCHRUN_OPTS[@]}" \
     "$SCRIPT_DIR/train.py" "$@"

@@ -6,7 +6,7 @@ unreadable image stops the run with a message that names the file.
 import os
 from typing import Optional
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import create_dataset
 from timm.data.dataset import ImageDataset
 
@@ -32,7 +32,11 @@ class StrictImageDataset(ImageDataset):
                     img = img.convert(self.input_img_mode)
         except (OSError, ValueError, SyntaxError) as e:
             name = self.reader.filename(index, absolute=True)
-            err = UserError(f"cannot read image '{name}': {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if isinstance(e, UnidentifiedImageError):
+                detail = 'not an image, or an unknown or corrupt image format'
+            else:
+                detail = f'{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else "read failed"}'
+            err = UserError(f"cannot read image '{name}': {detail}.")
             err.all_ranks = False
             raise err from None
         if self.transform is not None:

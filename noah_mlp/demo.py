@@ -113,7 +113,7 @@ def run_demo(output_dir: str, epochs: int = 20, nproc: Optional[int] = None, bat
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env.setdefault('OMP_NUM_THREADS', str(threads))
     if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}',
+        cmd = [sys.executable, '-m', 'noah_mlp.launch', '--standalone', f'--nproc-per-node={nproc}',
                '-m', 'noah_mlp.train'] + train_args
     else:
         cmd = [sys.executable, '-m', 'noah_mlp.train'] + train_args

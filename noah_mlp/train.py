@@ -223,6 +223,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if os.environ.get('RANK', '0') != '0':
+            return
         name = signal.Signals(signum).name
         print(f'{name} received: finishing the current step, then writing a recovery checkpoint '
               f'(send it again to stop at once).', file=sys.stderr, flush=True)
@@ -484,7 +486,8 @@ def _resume_command(resume_path: str, argv: List[str]) -> str:
         if a.startswith('--resume='):
             continue
         out.append(a)
-    launcher = 'bash distributed_train.sh N' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'python train.py'
+    nproc = os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1'))
+    launcher = f'bash distributed_train.sh {nproc}' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'python train.py'
     return ' '.join([launcher] + [repr(a) if (' ' in a or not a) else a for a in out] + ['--resume', resume_path])
 
 
@@ -828,8 +831,22 @@ def _save_hf(args, output_dir: str, labels) -> None:
     _logger.info(f'Wrote {"EMA " if use_ema else ""}weights of {best} as a timm local-dir: folder in {args.save_hf}')
 
 
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective broke because another process of the run died (it has printed the reason)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return False
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        'Connection closed by peer', 'Connection reset by peer', 'remote worker crashing', 'Broken pipe'))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    code = cli_main(lambda: train(argv))
+    try:
+        code = cli_main(lambda: train(argv))
+    except Exception as e:
+        if not _peer_failed(e):
+            raise
+        return 1  # quiet: the failing process printed the error; the launcher stops the run
     try:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if code == 0:

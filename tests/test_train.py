@@ -286,3 +286,54 @@ def test_cli_error_has_no_traceback(data):
     assert res.returncode == 2
     assert 'Traceback' not in res.stderr
     assert res.stderr.strip().startswith("error: unknown model 'not_a_model_at_all'")
+
+
+def test_kill_9_leaves_loadable_checkpoints(data, tmp_path):
+    """SIGKILL right after an evaluation, when the checkpoints are being written: every checkpoint file
+    that exists afterwards loads, and last.pth.tar holds a finished epoch."""
+    out = str(tmp_path / 'out')
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), data] + TINY + FAST + [
+        '--epochs', '50', '--output', out, '--experiment', 'k9', '--checkpoint-hist', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    evals = 0
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith('Eval:'):
+                evals += 1
+                if evals == 3:
+                    proc.kill()  # checkpoint writing of epoch 2 is under way now
+                    break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert evals == 3
+    exp = os.path.join(out, 'k9')
+    files = [f for f in os.listdir(exp) if f.endswith('.pth.tar')]
+    assert 'last.pth.tar' in files
+    for f in files:
+        ckpt = safe_load(os.path.join(exp, f))  # raises (fails the test) on a half-written file
+        assert 'state_dict' in ckpt
+    assert safe_load(os.path.join(exp, 'last.pth.tar'))['epoch'] in (1, 2)
+
+
+def test_grad_accum_and_grad_checkpointing(data, tmp_path, capsys):
+    code = train_mod.main([data] + TINY + FAST + [
+        '--epochs', '1', '--output', str(tmp_path), '--experiment', 'acc', '--grad-accum-steps', '2',
+        '--grad-checkpointing', '--log-interval', '1'])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert 'global batch 16' in out  # 8 per step x 2 accumulated steps
+    ckpt = safe_load(os.path.join(str(tmp_path), 'acc', 'last.pth.tar'))
+    assert ckpt['num_updates'] == 2  # 36 images / batch 8 = 4 steps -> 2 optimizer updates
+    assert _adam_steps(ckpt) == 2
+
+
+def test_sync_bn_refused_with_reason(data, capsys):
+    err = _fails([data] + TINY + FAST + ['--sync-bn'], capsys)
+    assert '--sync-bn' in err and ('distributed' in err or 'CUDA' in err)
