@@ -71,7 +71,8 @@ def default_class_names(num_classes: int) -> Optional[List[str]]:
 
 def _label(class_names: Optional[Sequence[str]], index: int) -> str:
     if class_names is not None and 0 <= index < len(class_names):
-        return f'{class_names[index]} ({index})'
+        name = class_names[index]
+        return name if name == str(index) else f'{name} ({index})'
     return f'class {index}'
 
 
