@@ -261,6 +261,7 @@ def test_pretrained_file_with_other_num_classes_keeps_backbone_and_starts_fresh_
 def test_package_exports():
     assert noah_mlp.NoahHead is NoahHead
     assert noah_mlp.__version__
+    assert noah_mlp.attention_maps is noah_mlp.attention.attention_maps
 
 
 def test_readme_model_table_matches_built_models():
