@@ -7,14 +7,13 @@ and fsynced, then renamed over the target, so a kill at any moment leaves either
 new file, both complete.
 """
 import argparse
-import io
 import os
 import pickle
 import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from timm.utils import CheckpointSaver, get_state_dict

@@ -4,7 +4,7 @@ import contextlib
 import difflib
 import logging
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 import timm

@@ -13,10 +13,10 @@ summary.csv and args.yaml, every file written atomically. SIGTERM / SIGINT finis
 write a recovery checkpoint and exit non-zero with the command that resumes the run.
 """
 import argparse
+import contextlib
 import csv
 import io
 import logging
-import math
 import os
 import signal
 import sys
@@ -391,24 +391,22 @@ def train_one_epoch(
         loss_count += 1
 
         scaled = loss / update_accum
-        if loss_scaler is not None:
-            loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=model.parameters(), need_update=need_update)
-        else:
-            if sync_ctx is not None:
-                with sync_ctx():
-                    scaled.backward()
+        # without an update, DDP's no_sync keeps the gradients local (accumulation)
+        with (sync_ctx() if sync_ctx is not None else contextlib.nullcontext()):
+            if loss_scaler is not None:
+                loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=model.parameters(), need_update=need_update)
             else:
                 scaled.backward()
-            if need_update:
-                if args.clip_grad is not None:
-                    dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-                optimizer.step()
+                if need_update:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
         if need_update:
             optimizer.zero_grad()
             num_updates += 1
             if model_ema is not None:
-                model_ema.update(model, step=num_updates)
+                model_ema.update(unwrap_model(model), step=num_updates)
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
 
@@ -645,6 +643,8 @@ def _train(argv: List[str], stop: StopRequest) -> int:
 
     # data loaders
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active and args.batch_size % 2:
+        raise UserError(f'mixup / cutmix need an even --batch-size (pairs of images), got {args.batch_size}.')
     collate_fn, mixup_fn = None, None
     if mixup_active:
         mixup_args = dict(

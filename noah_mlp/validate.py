@@ -9,7 +9,6 @@ upstream timm-format training checkpoints, or bare state dicts; none is unpickle
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
