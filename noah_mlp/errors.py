@@ -20,9 +20,12 @@ _WRAPPED = 'Original Traceback'
 class UserError(Exception):
     """A problem with the input that the user can fix; reported as one line, no traceback."""
 
+    all_ranks = True  # raised the same way by every process of a distributed run
+
     def __init__(self, message: str = '') -> None:
         message = str(message)
         if _WRAPPED in message:
+            self.all_ranks = False  # from one process's data (a DataLoader worker): print it where it happened
             # Re-raised by a DataLoader worker: torch wraps our message in the worker's traceback.
             # Keep only what we said ("...UserError: <message>" is the traceback's tail).
             tail = message.rsplit('UserError: ', 1)
@@ -51,7 +54,7 @@ def cli_main(fn: Callable[[], Optional[int]]) -> int:
     try:
         return fn() or 0
     except UserError as e:
-        shared = getattr(e, 'all_ranks', True)
+        shared = e.all_ranks
         world = int(os.environ.get('WORLD_SIZE', '1'))
         if world <= 1:
             print(f'error: {e}', file=sys.stderr, flush=True)
