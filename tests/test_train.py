@@ -337,3 +337,52 @@ def test_grad_accum_and_grad_checkpointing(data, tmp_path, capsys):
 def test_sync_bn_refused_with_reason(data, capsys):
     err = _fails([data] + TINY + FAST + ['--sync-bn'], capsys)
     assert '--sync-bn' in err and ('distributed' in err or 'CUDA' in err)
+
+
+def _wait_for(proc, prefix, timeout=180):
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f'no line starting with {prefix!r}:\n' + ''.join(lines))
+
+
+def test_two_process_sigterm_to_launcher_writes_recovery(data, tmp_path):
+    out = str(tmp_path / 'out')
+    cmd = ['bash', os.path.join(REPO, 'distributed_train.sh'), '2', data] + TINY + FAST + [
+        '--epochs', '100', '--output', out, '--experiment', 'dsig', '--log-interval', '1']
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        _wait_for(proc, 'Train: epoch 0 [1/')
+        proc.send_signal(signal.SIGTERM)  # bash exec'd the launcher: it forwards SIGTERM to both workers
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert 'Traceback' not in stderr
+    assert stderr.count('SIGTERM received') == 1  # rank 0 speaks for the run
+    hint = [line for line in stderr.splitlines() if line.startswith('To resume: bash distributed_train.sh 2 ')]
+    assert len(hint) == 1, stderr
+    recovery = re.search(r'--resume (\S+)', hint[0]).group(1)
+    ckpt = safe_load(recovery)
+    assert ckpt['recovery'] is True and ckpt['epoch'] == 0
+
+
+def test_two_process_unreadable_image_one_clean_line(tmp_path):
+    data = make_image_folder(str(tmp_path / 'd'), train_per_class=3, val_per_class=1)
+    broken = os.path.join(data, 'train', 'class2', 'zzz.png')
+    with open(broken, 'w') as f:
+        f.write('garbage')
+    # batch 1: every one of the 10 images is read in the first epoch, on one of the two processes
+    res = run_cli('distributed_train.sh', ['2', data] + TINY + FAST + [
+        '-b', '1', '--epochs', '1', '--output', str(tmp_path / 'o'), '--workers', '1'], timeout=180)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith('error')]
+    assert len(errors) == 1 and broken in errors[0], res.stderr
