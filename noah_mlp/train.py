@@ -18,11 +18,13 @@ import csv
 import io
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
 from collections import OrderedDict
 from datetime import datetime
+from functools import partial
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -202,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------------------- signals
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits. A second signal kills."""
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits. The same signal again kills."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._first = 0.
         self._old = {}
 
     def install(self) -> None:
@@ -219,10 +222,15 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if signum != self.signum or time.monotonic() - self._first < 3.0:
+                # Ctrl-C reaches the workers both from the terminal and forwarded by torchrun, which may
+                # follow with SIGTERM: keep stopping cleanly. A deliberate repeat kills at once.
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        self._first = time.monotonic()
         if os.environ.get('RANK', '0') != '0':
             return
         name = signal.Signals(signum).name
@@ -232,6 +240,20 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+def _worker_init_ignoring_sigint(orig_init, worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: loader workers keep serving batches while the main
+    # process finishes its step and writes the recovery checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if orig_init is not None:
+        orig_init(worker_id)
+
+
+def _protect_workers(loader) -> None:
+    dl = getattr(loader, 'loader', loader)
+    if getattr(dl, 'num_workers', 0) > 0:
+        dl.worker_init_fn = partial(_worker_init_ignoring_sigint, dl.worker_init_fn)
 
 
 class Stopped(Exception):
@@ -486,7 +508,7 @@ def _resume_command(resume_path: str, argv: List[str]) -> str:
         out.append(a)
     nproc = os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1'))
     launcher = f'bash distributed_train.sh {nproc}' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'python train.py'
-    return ' '.join([launcher] + [repr(a) if (' ' in a or not a) else a for a in out] + ['--resume', resume_path])
+    return ' '.join([launcher] + [shlex.quote(a) for a in out] + ['--resume', shlex.quote(resume_path)])
 
 
 def train(argv: Optional[List[str]] = None) -> int:
@@ -676,6 +698,8 @@ def _train(argv: List[str], stop: StopRequest) -> int:
     loader_eval = create_loader(
         dataset_eval, input_size=data_config['input_size'], batch_size=eval_batch, is_training=False,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    _protect_workers(loader_train)
+    _protect_workers(loader_eval)
     if len(loader_train) == 0:
         raise UserError(
             f'the training split has {len(dataset_train)} images, fewer than one batch of {args.batch_size} '

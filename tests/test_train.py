@@ -263,7 +263,7 @@ def test_pickle_that_would_run_code_is_refused(data, tmp_path, capsys):
     assert 'refused to load checkpoint' in err and 'evil.pth.tar' in err
     # a plain (non-zip) pickle too
     evil2 = tmp_path / 'evil2.pkl'
-    evil2.write_bytes(pickle.dumps(_Evil(str(marker))))
+    evil2.write_bytes(pickle.dumps(_Evil(str(marker)), protocol=2))
     err = _fails([data] + TINY + FAST + ['--initial-checkpoint', str(evil2)], capsys)
     assert 'refused' in err
     assert not marker.exists()

@@ -102,7 +102,7 @@ def test_corrupt_and_unsafe_checkpoints(run, tmp_path, capsys):
             return (os.system, (f'touch {marker}',))
 
     evil = tmp_path / 'evil.pth'
-    evil.write_bytes(pickle.dumps({'state_dict': Evil()}))
+    evil.write_bytes(pickle.dumps({'state_dict': Evil()}, protocol=2))
     err = _fails([data, '--model', TINY_MODEL, '--checkpoint', str(evil)] + ARCH, capsys)
     assert 'refused to load' in err
     assert not marker.exists()
