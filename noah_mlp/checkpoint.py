@@ -108,6 +108,9 @@ def check_compatible(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]
     lines = [f'checkpoint{where} does not fit the model{name} (another architecture or settings?):']
     if shapes:
         lines.append(f'  {len(shapes)} shape mismatch(es): {_limited(shapes, 6)}')
+        if any(('mlp_tokens.' in s or '.gate.proj.' in s) for s in shapes):
+            lines.append('  (token-mixing weights depend on the number of patches: use the training --img-size '
+                         'and patch size)')
     if missing:
         lines.append(f'  {len(missing)} key(s) missing from the checkpoint: {_limited(missing)}')
     if unexpected:

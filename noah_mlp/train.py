@@ -212,6 +212,9 @@ class StopRequest:
         self._old = {}
 
     def install(self) -> None:
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
