@@ -94,6 +94,7 @@ def build_dataset(
     if class_map and not os.path.isfile(class_map):
         raise UserError(f"class map '{class_map}' does not exist.")
     if _is_folder_dataset(name):
+        kwargs.pop('download', None)
         split_dir = find_split_dir(root, split)
         try:
             dataset = create_dataset(
@@ -110,8 +111,9 @@ def build_dataset(
         return create_dataset(
             name, root=root, split=split, search_split=True, class_map=class_map or None, is_training=is_training,
             batch_size=batch_size, seed=seed, repeats=repeats, input_img_mode=input_img_mode, **kwargs)
-    except (FileNotFoundError, ImportError, AssertionError) as e:
-        raise UserError(f"cannot create dataset '{name}' from '{root}': {e}") from None
+    except (FileNotFoundError, ImportError, AssertionError, RuntimeError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot create dataset '{name}' from '{root}': {first}") from None
 
 
 def class_names(dataset) -> Optional[list]:

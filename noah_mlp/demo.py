@@ -10,6 +10,7 @@ Needs the ``demo`` extra (scikit-learn): ``pip install "noah-mlp[demo]"``.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -97,8 +98,13 @@ def run_demo(output_dir: str, epochs: int = 20, nproc: Optional[int] = None, bat
     t0 = time.time()
     output_dir = os.path.abspath(output_dir)
     data_root = os.path.join(output_dir, 'digits')
-    if not os.path.isdir(os.path.join(data_root, 'val')):
-        counts = write_digits_dataset(data_root, limit=limit)
+    if not os.path.isdir(data_root):
+        # write next to it, then rename: an interrupted demo never leaves a half-written dataset behind
+        partial = data_root + '.partial'
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
+        counts = write_digits_dataset(partial, limit=limit)
+        os.replace(partial, data_root)
         if not quiet:
             print(f"Wrote {counts['train']} train / {counts['val']} val digit images to {data_root}", flush=True)
     nproc = _nproc(nproc)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder: train/ and val/ or validation/)')
     g.add_argument('--data-dir', metavar='DIR', default=None, help='dataset root (instead of the positional DIR)')
     g.add_argument('--dataset', metavar='NAME', default='', help='timm dataset spec (empty: ImageFolder)')
+    g.add_argument('--dataset-download', action='store_true', default=False,
+                   help='let torch/ and tfds/ datasets download themselves')
     g.add_argument('--train-split', metavar='NAME', default='train')
     g.add_argument('--val-split', metavar='NAME', default='validation')
     g.add_argument('--class-map', default='', metavar='FILE')
@@ -557,10 +559,11 @@ def _train(argv: List[str], stop: StopRequest) -> int:
     # Datasets first: their class count is the default --num-classes, and a bad folder fails before any work.
     dataset_train = build_dataset(
         args.dataset, data_dir, args.train_split, is_training=True, class_map=args.class_map,
-        batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode)
+        batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
+        download=args.dataset_download)
     dataset_eval = build_dataset(
         args.dataset, data_dir, args.val_split, is_training=False, class_map=args.class_map,
-        batch_size=args.batch_size, input_img_mode=args.input_img_mode)
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download)
     labels = class_names(dataset_train)
     if args.num_classes is None:
         if not labels:
