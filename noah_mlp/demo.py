@@ -4,7 +4,8 @@ Writes the 1,797 handwritten 8x8 digits that ship inside scikit-learn as an Imag
 (``train/`` and ``val/``, one folder per digit, upsampled RGB PNGs), trains a small NOAH
 MLP-Mixer on them with this package's training script (two processes with torchrun where the
 machine has two or more cores), then evaluates the last checkpoint on the held-out split with
-the validation script and prints ``held-out top-1 XX.XX%``.
+the validation script, prints ``held-out top-1 XX.XX%`` and draws the head's attention maps for
+a few held-out digits (``{output}/demo/attention/*.png``).
 
 Needs the ``demo`` extra (scikit-learn): ``pip install "noah-mlp[demo]"``.
 """
@@ -135,11 +136,30 @@ def run_demo(output_dir: str, epochs: int = 20, nproc: Optional[int] = None, bat
     from .validate import validate
     results = validate([data_root, '--split', 'val', '--model', DEMO_MODEL, '--checkpoint', last,
                         '--crop-pct', '1.0', '--workers', '0', '-b', '128'])
+    figures = _attention_figures(last, os.path.join(data_root, 'val'), os.path.join(exp_dir, 'attention'))
     seconds = time.time() - t0
-    return dict(
+    return dict(attention_figures=figures,
         experiment_dir=exp_dir, checkpoint=last, best_checkpoint=os.path.join(exp_dir, 'model_best.pth.tar'),
         data_root=data_root, val_root=os.path.join(data_root, 'val'), top1=results['top1'], top5=results['top5'],
         images=results['images'], seconds=seconds, nproc=nproc)
+
+
+def _attention_figures(checkpoint: str, val_root: str, out_dir: str, digits=(0, 3, 7, 8)) -> List[str]:
+    """Draw what the trained head attends to for the first held-out image of a few digits."""
+    from .visualize import load_noah_model, write_attention_figures
+
+    loaded = load_noah_model(DEMO_MODEL, checkpoint)
+    picks = []
+    for digit in digits:
+        folder = os.path.join(val_root, str(digit))
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if files:
+            picks.append(os.path.join(folder, files[0]))
+    paths = write_attention_figures(
+        loaded.model, picks, out_dir, class_names=loaded.class_names, topk=3, data_config=loaded.data_config,
+        names=[f'digit{os.path.basename(os.path.dirname(p))}_{os.path.splitext(os.path.basename(p))[0]}'
+               for p in picks])
+    return [str(p) for p in paths]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +176,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     r = run_demo(args.output, epochs=args.epochs, nproc=args.nproc, limit=args.limit)
     print(f"Demo: held-out top-1 {r['top1']:.2f}% (top-5 {r['top5']:.2f}%) on {r['images']} digit images never "
           f"trained on; {r['seconds']:.0f} s on {r['nproc']} process(es). Checkpoint: {r['checkpoint']}", flush=True)
+    if r['attention_figures']:
+        print(f"What the NOAH head attends to, for {len(r['attention_figures'])} held-out digits: "
+              f"{os.path.dirname(r['attention_figures'][0])}", flush=True)
     return 0
 
 

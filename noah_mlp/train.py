@@ -763,6 +763,7 @@ def _train(argv: List[str], stop: StopRequest) -> int:
             extra_state=lambda: {
                 'scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
                 'num_updates': state['num_updates'],
+                'class_names': list(labels) if labels else None,  # read by noah-visualize
             })
         if resume_ckpt is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir) \
                 and isinstance(resume_ckpt.get('saver'), dict):

@@ -2,12 +2,10 @@
 import os
 import re
 
-import pytest
+import torch
 from PIL import Image
 
-pytest.importorskip('sklearn')
-
-from noah_mlp import demo  # noqa: E402
+from noah_mlp import demo
 
 
 def test_write_digits_dataset(tmp_path):
@@ -34,3 +32,11 @@ def test_tiny_demo_run(tmp_path, capfd):
     assert os.path.isfile(r['checkpoint']) and os.path.isdir(r['val_root'])
     assert r['experiment_dir'] == os.path.dirname(r['checkpoint'])
     assert abs(r['top1'] - float(m.group(1))) < 0.006  # printed with 2 decimals
+    # the demo ends with attention pictures of held-out digits, and says where
+    figures = r['attention_figures']
+    assert len(figures) == 4 and all(os.path.dirname(f) == os.path.join(r['experiment_dir'], 'attention')
+                                     for f in figures)
+    assert Image.open(figures[0]).format == 'PNG'
+    ckpt = torch.load(r['checkpoint'], map_location='cpu', weights_only=True)
+    assert ckpt['class_names'] == [str(d) for d in range(10)]  # the figures' row labels come from here
+    assert 'attends to, for 4 held-out digits: ' + os.path.dirname(figures[0]) in out
