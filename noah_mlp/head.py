@@ -86,13 +86,18 @@ def _chunk_plan(B: int, N: int, K: int, L: int, chunk_elements: int) -> List[Tup
     return [(b, b + 1, k, min(K, k + step)) for b in range(B) for k in range(0, K, step)]
 
 
+def _bmm_or_matmul(a: torch.Tensor, b: torch.Tensor, one_sample: bool) -> torch.Tensor:
+    return torch.bmm(a, b) if one_sample else torch.matmul(a, b)
+
+
 class _ChunkedDropoutAttention(torch.autograd.Function):
     """softmax(q k^T) with dropout on the weights, times v; chunked, with a sparse saved mask.
 
     q (N, K, D) is shared by the batch, k (B, N, L, D), v (B, N, L, Dv), scale 1; returns (B, N, K, Dv).
-    The (B, N, K, L) attention is only ever held one cache-sized chunk at a time. The forward
-    keeps the per-row log-sum-exp and the positions of the dropped weights (about numel * p
-    integers); the backward recomputes each chunk's attention from them, as flash attention does.
+    The (B, N, K, L) attention is only ever held one cache-sized chunk at a time. Autograd keeps
+    the inputs, the output and the positions of the dropped weights (about numel * p integers);
+    the backward recomputes each chunk's softmax, as flash attention does, and zeroes the same
+    positions again.
     """
 
     @staticmethod
@@ -100,53 +105,58 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
         B, N, L, _ = k.shape
         K, Dv = q.shape[1], v.shape[-1]
         chunks = _chunk_plan(B, N, K, L, chunk_elements)
-        starts = [0]
-        for b0, b1, k0, k1 in chunks:
-            starts.append(starts[-1] + (b1 - b0) * N * (k1 - k0) * L)
-        numel = starts[-1]
-        # Positions count the chunks one after another: a relabelling of the (b, n, k, l) elements,
-        # so the mask is still independent per element.
-        drops = bernoulli_drop_positions(numel, p, q.device)
-        bounds = torch.searchsorted(drops, torch.tensor(starts, dtype=drops.dtype, device=drops.device)).tolist()
-        if numel < 2 ** 31:
-            drops = drops.to(torch.int32)
-        scale = 1. / (1. - p)
+        sizes = [(b1 - b0) * N * (k1 - k0) * L for b0, b1, k0, k1 in chunks]
+        # Positions count the elements chunk after chunk: a relabelling of (b, n, k, l), so the
+        # mask is still one independent draw per element.
+        drops = bernoulli_drop_positions(sum(sizes), p, q.device)
+        starts = torch.tensor([0] + sizes, device=drops.device).cumsum_(0)
+        bounds = torch.searchsorted(drops, starts)
+        counts = bounds.diff()
+        drops.sub_(starts[:-1].repeat_interleave(counts))  # positions inside each chunk
+        bounds = bounds.tolist()
         out = q.new_empty(B, N, K, Dv)
-        lse = q.new_empty(B, N, K, 1)
         k_t = k.transpose(-1, -2)
         for i, (b0, b1, k0, k1) in enumerate(chunks):
-            attn = torch.matmul(q[:, k0:k1], k_t[b0:b1])
-            row_max = attn.amax(-1, keepdim=True)
-            attn.sub_(row_max).exp_()
-            row_sum = attn.sum(-1, keepdim=True)
-            lse[b0:b1, :, k0:k1] = row_max + row_sum.log()
-            attn.mul_(row_sum.reciprocal_().mul_(scale))
-            attn.view(-1)[drops[bounds[i]:bounds[i + 1]] - starts[i]] = 0.
-            out[b0:b1, :, k0:k1] = torch.matmul(attn, v[b0:b1])
-        ctx.save_for_backward(q, k, v, out, lse, drops)
-        ctx.plan = (chunks, starts, bounds, scale)
+            one = b1 - b0 == 1
+            bs = b0 if one else slice(b0, b1)
+            attn = torch.softmax(_bmm_or_matmul(q[:, k0:k1], k_t[bs], one), dim=-1)
+            attn.view(-1)[drops[bounds[i]:bounds[i + 1]]] = 0.
+            if k1 - k0 == K:
+                torch.matmul(attn, v[bs], out=out[bs])
+            else:
+                out[bs, :, k0:k1] = _bmm_or_matmul(attn, v[bs], one)
+        out.mul_(1. / (1. - p))
+        ctx.save_for_backward(q, k, v, out, drops)
+        ctx.plan = (chunks, bounds, p)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, drops = ctx.saved_tensors
-        chunks, starts, bounds, scale = ctx.plan
-        grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        # sum_l w[l] * dw[l] over the dropped, scaled weights w equals grad_out . out, row by row
+        q, k, v, out, drops = ctx.saved_tensors
+        chunks, bounds, p = ctx.plan
+        # sum_l w[l] dw[l] over the kept, scaled weights w of a row equals grad_out . out
         row_dot = (grad_out * out).sum(-1, keepdim=True)
+        grad_out = grad_out * (1. / (1. - p))
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
         for i, (b0, b1, k0, k1) in enumerate(chunks):
-            dropped = drops[bounds[i]:bounds[i + 1]] - starts[i]
-            q_c, g_c = q[:, k0:k1], grad_out[b0:b1, :, k0:k1]
-            attn = torch.matmul(q_c, k_t[b0:b1]).sub_(lse[b0:b1, :, k0:k1]).exp_()  # softmax, recomputed
-            grad_s = torch.matmul(g_c, v_t[b0:b1]).mul_(scale)  # d(loss)/d(softmax), through the mask
+            one = b1 - b0 == 1
+            bs = b0 if one else slice(b0, b1)
+            dropped = drops[bounds[i]:bounds[i + 1]]
+            q_c, g_c = q[:, k0:k1], grad_out[bs, :, k0:k1]
+            attn = torch.softmax(_bmm_or_matmul(q_c, k_t[bs], one), dim=-1)  # recomputed
+            grad_s = _bmm_or_matmul(g_c, v_t[bs], one)  # d loss / d kept weights, before the mask
             grad_s.view(-1)[dropped] = 0.
-            grad_s.sub_(row_dot[b0:b1, :, k0:k1]).mul_(attn)  # through the softmax: d(loss)/d(scores)
-            attn.mul_(scale).view(-1)[dropped] = 0.  # the weights the forward used
-            grad_v[b0:b1] += torch.matmul(attn.transpose(-1, -2), g_c)
-            grad_k[b0:b1] += torch.matmul(grad_s.transpose(-1, -2), q_c)
-            grad_q[:, k0:k1] += torch.matmul(grad_s, k[b0:b1]).sum(0)
+            grad_s.sub_(row_dot[bs, :, k0:k1]).mul_(attn)  # through the softmax: d loss / d scores
+            attn.view(-1)[dropped] = 0.
+            if one:
+                grad_v[b0].baddbmm_(attn.transpose(-1, -2), g_c)
+                grad_k[b0].baddbmm_(grad_s.transpose(-1, -2), q_c)
+                grad_q[:, k0:k1].baddbmm_(grad_s, k[b0])
+            else:
+                grad_v[bs] += torch.matmul(attn.transpose(-1, -2), g_c)
+                grad_k[bs] += torch.matmul(grad_s.transpose(-1, -2), q_c)
+                grad_q[:, k0:k1] += torch.matmul(grad_s, k[bs]).sum(0)
         return grad_q, grad_k, grad_v, None, None
 
 
@@ -182,7 +192,8 @@ def class_attention(
     if impl == 'chunked':
         if dropout_p <= 0.:
             dropout_p = 0.
-        return _ChunkedDropoutAttention.apply(query, key, value, float(dropout_p), int(chunk_elements))
+        return _ChunkedDropoutAttention.apply(
+            query, key.contiguous(), value.contiguous(), float(dropout_p), int(chunk_elements))
     if impl != 'sdpa':
         raise ValueError(f"impl must be 'auto', 'sdpa' or 'chunked', got {impl!r}.")
     B = key.shape[0]
@@ -283,19 +294,23 @@ class NoahHead(nn.Module):
         #   sum_l a[b,n,k,l] * v[b,n,k,l] = Wv[n,k] . (sum_l a[b,n,k,l] xv[b,l,n]) + bv[n,k] * sum_l a[b,n,k,l],
         # so each group is plain attention with K learned class queries Wq[n], keys xk and values xv,
         # scale 1, which never needs v[b,n,k,l] and, in a fused kernel, not a[b,n,k,l] either.
-        # Dropout on v[b,n,k,l] is the same random operation as dropout on a[b,n,k,l]. Augmenting
-        # Q'=[Wq | bq], K'=[xk | 1], V'=[xv | 1] keeps it exact with dropout (the ones column of V'
-        # carries sum_l a) and keeps bq in the graph (softmax ignores it, but DDP needs every
-        # parameter to take part).
+        # Dropout on v[b,n,k,l] is the same random operation as dropout on a[b,n,k,l]; then
+        # sum_l of the kept weights is no longer 1 and a column of ones appended to the values
+        # carries it to bv. bq adds the same constant to every score of a softmax row, so it cannot
+        # change the output and the scores leave it out.
         xk, xv = self._split_tokens(x)
         wq, bq = self.class_queries()
         wv, bv = self.class_values()
         dtype = xk.dtype
-        ones = xk.new_ones(xk.shape[:-1] + (1,))
-        query = torch.cat([wq.to(dtype), bq.to(dtype).unsqueeze(-1)], dim=-1)  # (N, K, dk + 1)
-        key = torch.cat([xk, ones], dim=-1)  # (B, N, L, dk + 1)
-        value = torch.cat([xv, ones], dim=-1)  # (B, N, L, dv + 1)
         drop = self.drop if self.training else 0.
-        z = class_attention(query, key, value, dropout_p=drop)  # (B, N, K, dv + 1)
-        value_weight = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
-        return torch.einsum('bnkd,nkd->bk', z, value_weight.to(z.dtype))
+        if drop > 0.:
+            xv = torch.cat([xv, xv.new_ones(xv.shape[:-1] + (1,))], dim=-1)  # (B, N, L, dv + 1)
+            wv = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
+        z = class_attention(wq.to(dtype), xk, xv, dropout_p=drop)  # (B, N, K, dv [+ 1])
+        # A broadcast product keeps z itself for backward (the attention keeps it anyway); an
+        # einsum would run bmm on a permuted copy of z and keep that copy too.
+        out = (z * wv.to(z.dtype)).sum(dim=(1, 3))
+        if drop == 0.:
+            out = out + bv.sum(0).to(out.dtype)
+        # bq takes part in the graph with gradient 0, its true gradient: DDP needs every parameter used.
+        return out + bq.sum().to(out.dtype) * 0.
