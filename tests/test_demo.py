@@ -2,10 +2,10 @@
 import os
 import re
 
-import torch
 from PIL import Image
 
 from noah_mlp import demo
+from noah_mlp.checkpoint import safe_load
 
 
 def test_write_digits_dataset(tmp_path):
@@ -37,6 +37,6 @@ def test_tiny_demo_run(tmp_path, capfd):
     assert len(figures) == 4 and all(os.path.dirname(f) == os.path.join(r['experiment_dir'], 'attention')
                                      for f in figures)
     assert Image.open(figures[0]).format == 'PNG'
-    ckpt = torch.load(r['checkpoint'], map_location='cpu', weights_only=True)
+    ckpt = safe_load(r['checkpoint'])
     assert ckpt['class_names'] == [str(d) for d in range(10)]  # the figures' row labels come from here
     assert 'attends to, for 4 held-out digits: ' + os.path.dirname(figures[0]) in out
