@@ -116,7 +116,24 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
+def reset_peak_rss() -> None:
+    """Linux: make the peak RSS (VmHWM) restart from the current RSS (no-op where unsupported)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
 def peak_rss() -> int:
+    """Peak resident set size of this process (since the last reset_peak_rss on Linux)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
