@@ -12,7 +12,7 @@ output channel n*K + k is group n, class k). The computation never runs those co
 goes through the attention identity below, which is exact and far cheaper.
 """
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -175,6 +175,7 @@ def class_attention(
         dropout_p: float = 0.,
         impl: str = 'auto',
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        head_dim_multiple: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax(query key^T) value with scale 1, per group, for class queries shared by the batch.
 
@@ -182,8 +183,10 @@ def class_attention(
     `dropout_p` on the attention weights (one independent mask per (b, n, k, l), scaled 1/(1-p)).
 
     impl='sdpa' runs `F.scaled_dot_product_attention` (fused flash kernel on CPU without dropout,
-    flash / efficient kernels with dropout on CUDA; head sizes zero-padded to one size, a multiple
-    of 8 on CUDA). impl='chunked' runs the chunked CPU kernel above. 'auto' takes 'chunked' for
+    flash / efficient kernels with dropout on CUDA): query/key and value head sizes are zero-padded
+    to one size, rounded up to `head_dim_multiple` (default 8 on CUDA, where the fused kernels
+    want it, 1 elsewhere); zero columns change no score and no output. impl='chunked' runs the
+    chunked CPU kernel above. 'auto' takes 'chunked' for
     dropout in eager CPU fp32/fp64 (where SDPA would fall back to its materialising math backend),
     'sdpa' otherwise.
     """
@@ -198,9 +201,9 @@ def class_attention(
         raise ValueError(f"impl must be 'auto', 'sdpa' or 'chunked', got {impl!r}.")
     B = key.shape[0]
     d, dv = query.shape[-1], value.shape[-1]
-    head_dim = max(d, dv)
-    if key.is_cuda:
-        head_dim = -(-head_dim // 8) * 8
+    if head_dim_multiple is None:
+        head_dim_multiple = 8 if key.is_cuda else 1
+    head_dim = -(-max(d, dv) // head_dim_multiple) * head_dim_multiple
     query = F.pad(query, (0, head_dim - d)).unsqueeze(0).expand(B, -1, -1, -1)
     key = F.pad(key, (0, head_dim - d))
     value = F.pad(value, (0, head_dim - dv))

@@ -172,3 +172,36 @@ def test_compile_fullgraph_trains_with_dropout():
     assert out.shape == (2, 5) and x.grad is not None
     head.eval()
     torch.testing.assert_close(compiled(x), head(x))
+
+
+@pytest.mark.parametrize('multiple', [1, 8])
+def test_sdpa_path_padding_is_exact_and_its_dropout_unbiased(multiple):
+    """The SDPA path (CUDA's, with its padding to multiples of 8, run here on CPU) against the formula."""
+    q, k, v = _qkv(2, 2, 5, 7, 3, 4)
+    out = class_attention(q, k, v, 0., impl='sdpa', head_dim_multiple=multiple)
+    ref = _plain_attention(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([class_attention(q, k, v, 0.3, impl='sdpa', head_dim_multiple=multiple)
+                             for _ in range(3000)])
+    assert draws.shape[-1] == 4
+    std_err = draws.std(0) / 3000 ** 0.5
+    assert torch.all((draws.mean(0) - ref).abs() < 5 * std_err + 1e-9)
+
+
+def test_chunked_dropout_mean_and_variance_match_independent_masks():
+    """Same statistics as SDPA's dropout: unbiased, and Var = p/(1-p) sum_l (a v)^2 per output."""
+    q, k, v = _qkv(2, 2, 5, 7, 3, 1)
+    p, n = 0.3, 6000
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a = torch.einsum('nkd,bnld->bnkl', q, k).softmax(-1)
+        mean = a @ v
+        var = p / (1 - p) * (a.square() @ v.square())
+        draws = torch.stack([class_attention(q, k, v, p, impl='chunked', chunk_elements=33) for _ in range(n)])
+    assert torch.all((draws.mean(0) - mean).abs() < 5 * (var / n).sqrt() + 1e-9)
+    torch.testing.assert_close(draws.var(0), var, rtol=0.12, atol=1e-9)
