@@ -161,11 +161,11 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
 
 
 def _chunked_path_applies(x: torch.Tensor) -> bool:
-    """Eager CPU fp32/fp64 without autocast; compile, export and tracing keep plain SDPA."""
+    """Eager CPU fp32/fp64 without autocast; compile, export, tracing and torch.func keep plain SDPA."""
     return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and not torch.onnx.is_in_onnx_export())
+            and not torch.onnx.is_in_onnx_export() and not torch._C._are_functorch_transforms_active())
 
 
 def class_attention(

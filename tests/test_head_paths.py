@@ -140,6 +140,8 @@ def test_auto_picks_chunked_for_cpu_dropout_and_sdpa_otherwise(monkeypatch):
     with torch.autocast('cpu', dtype=torch.bfloat16):
         head.train()(x)
     assert calls == [0., 0.2], 'autocast keeps SDPA'
+    out = torch.func.vmap(lambda t: head(t.unsqueeze(0)).squeeze(0), randomness='different')(x)
+    assert out.shape == (2, 5) and calls == [0., 0.2, 0.2], 'torch.func transforms keep SDPA'
 
 
 def test_chunked_path_saves_no_attention_sized_tensor():
