@@ -9,7 +9,15 @@ the tokens under that attention; the logits add the N groups.
 Parameters are stored as upstream's two (grouped) 1x1 convolutions, so published checkpoints load
 with strict=True (`query.weight` (N*K, Ck/N, 1, 1), `query.bias` (N*K,), same for `value`;
 output channel n*K + k is group n, class k). The computation never runs those convolutions: it
-goes through the attention identity below, which is exact and far cheaper.
+goes through the attention identity (see `NoahHead.forward`), which is exact and far cheaper:
+
+* no dropout (inference, or training with drop=0), any device, compile, ONNX export:
+  `F.scaled_dot_product_attention`, a fused kernel that never materialises (B, N, K, L);
+* dropout on CUDA, or under compile / autocast / tracing: the same SDPA call with dropout_p
+  (CUDA's flash / efficient kernels take it);
+* dropout in eager CPU fp32/fp64, where SDPA would fall back to its materialising math backend:
+  `_ChunkedDropoutAttention`, cache-sized chunks, drop positions drawn as geometric gaps
+  (numel * p random numbers instead of numel) and kept sparse for the backward.
 """
 import math
 from typing import List, Optional, Tuple
@@ -20,8 +28,8 @@ import torch.nn.functional as F
 
 __all__ = ['NoahHead', 'noah_split_sizes', 'class_attention']
 
-# Elements of the (samples, N, classes, L) attention one chunk of the CPU dropout path holds: about
-# 2 MiB in fp32, so a chunk and its gradient stay in the L2 caches of two cores.
+# Elements of the (samples, N, classes, L) attention one chunk of the CPU dropout path holds: 2 MiB
+# in fp32, so a chunk and its gradient stay about within a 2-core L2 (measured: 2^18..2^20 alike).
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
 
@@ -68,7 +76,7 @@ def bernoulli_drop_positions(numel: int, p: float, device=None) -> torch.Tensor:
     mean = numel * p
     draws = int(mean + 8. * math.sqrt(mean * (1. - p)) + 16)
     ends = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
-    while int(ends[-1]) < numel:  # the last drop must lie beyond the range (almost never loops)
+    while int(ends[-1]) < numel:  # the running sum must pass numel (a second round is very rare)
         more = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
         ends = torch.cat([ends, more.add_(ends[-1])])
     count = int(torch.searchsorted(ends, numel, right=True))
