@@ -63,6 +63,12 @@ def noah_split_sizes(
     return key_chs, value_chs
 
 
+def _gap_draws(numel: int, p: float) -> int:
+    """Geometric draws per round: the expected number of drops plus 8 standard deviations."""
+    mean = numel * p
+    return int(mean + 8. * math.sqrt(mean * (1. - p)) + 16)
+
+
 def bernoulli_drop_positions(numel: int, p: float, device=None) -> torch.Tensor:
     """Sorted positions in [0, numel) where an i.i.d. Bernoulli(p) process says "drop".
 
@@ -73,8 +79,7 @@ def bernoulli_drop_positions(numel: int, p: float, device=None) -> torch.Tensor:
     """
     if numel <= 0 or p <= 0.:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    mean = numel * p
-    draws = int(mean + 8. * math.sqrt(mean * (1. - p)) + 16)
+    draws = _gap_draws(numel, p)
     ends = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
     while int(ends[-1]) < numel:  # the running sum must pass numel (a second round is very rare)
         more = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)

@@ -121,6 +121,13 @@ def test_drop_positions_are_an_independent_bernoulli_mask():
     assert torch.all((pair - p * p).abs() < 5 * (p * p * (1 - p * p) / draws) ** 0.5), 'drops are independent'
     far = (masks[:, 0] * masks[:, -1]).mean()
     assert abs(far - p * p) < 5 * (p * p * (1 - p * p) / draws) ** 0.5
+    torch.manual_seed(1)
+    expected = bernoulli_drop_positions(500, 0.2)
+    torch.manual_seed(1)
+    with pytest.MonkeyPatch.context() as mp:  # rounds of 3 draws: the top-up loop runs many times
+        mp.setattr(head_mod, '_gap_draws', lambda numel, p: 3)
+        topped_up = bernoulli_drop_positions(500, 0.2)
+    assert torch.equal(topped_up, expected)
     big = bernoulli_drop_positions(10 ** 6, 0.1)
     assert abs(big.numel() - 10 ** 5) < 5 * (10 ** 6 * 0.09) ** 0.5
     assert bernoulli_drop_positions(100, 0.).numel() == 0
