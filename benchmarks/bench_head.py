@@ -5,7 +5,9 @@ Prints, measured side by side in one process (see common.py):
   * time ratio grouped-conv / NoahHead without dropout (target >= 4x),
   * bytes autograd saves for backward, NoahHead / grouped-conv (target <= 1/10),
   * the same with head dropout 0.1: NoahHead's chunked CPU kernel, SDPA's math backend, grouped conv,
-  * peak RSS of one forward + backward of each candidate, each in a fresh subprocess (--memory).
+  * peak RSS of one forward + backward of each candidate, each in a fresh subprocess (--memory),
+  * what drawing a dropout mask over (16, N, K, L) costs: dense uniforms / bernoulli_ / F.dropout vs
+    the geometric-gap drop positions of the chunked kernel.
 
     python benchmarks/bench_head.py            # ~1-2 minutes on 2 cores
     python benchmarks/bench_head.py --quick    # a few rounds, a smoke test
@@ -135,7 +137,26 @@ def main():
             print('peak RSS growth of one forward+backward (fresh process each): ' +
                   ', '.join(f'{titles[n]} {mib(v)}' for n, v in peaks.items()))
         print()
+    rng_costs(args, rounds)
     print(f'machine after: {machine_line()}')
+
+
+def rng_costs(args, rounds):
+    """What a dropout mask over (B, N, K, L) costs to draw, dense vs as geometric gaps."""
+    from noah_mlp.head import bernoulli_drop_positions
+    numel = 16 * args.heads * args.classes * args.tokens  # the model benchmark's B=16
+    buf = torch.empty(numel)
+    fns = {
+        'torch.rand (dense uniforms)': lambda: torch.rand(numel),
+        'bernoulli_ (dense mask)': lambda: buf.bernoulli_(0.9),
+        'F.dropout (mask and product)': lambda: torch.nn.functional.dropout(buf, 0.1),
+        'drop positions, geometric gaps': lambda: bernoulli_drop_positions(numel, 0.1),
+    }
+    times = interleaved_times(fns, rounds)
+    print(f'--- drawing a dropout mask for B=16 x N x K x L = {numel / 1e6:.1f}M elements, p=0.1 ---')
+    for name in fns:
+        print(f'{name:34s} {1e3 * quartiles(times[name])[1]:8.1f} ms')
+    print()
 
 
 if __name__ == '__main__':
