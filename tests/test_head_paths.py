@@ -214,3 +214,22 @@ def test_chunked_dropout_mean_and_variance_match_independent_masks():
         draws = torch.stack([class_attention(q, k, v, p, impl='chunked', chunk_elements=33) for _ in range(n)])
     assert torch.all((draws.mean(0) - mean).abs() < 5 * (var / n).sqrt() + 1e-9)
     torch.testing.assert_close(draws.var(0), var, rtol=0.12, atol=1e-9)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('training', [False, True])
+def test_autocast_dtype_and_no_softmax_overflow(dtype, training):
+    """Under autocast the logits come out in the autocast dtype (as a Linear head's do), finite even
+    for scores far beyond fp16's exp range, and so do the gradients."""
+    torch.manual_seed(0)
+    head = NoahHead(32, 10, num_heads=4, drop=0.1).train(training)
+    linear = torch.nn.Linear(32, 10)
+    x = (torch.randn(2, 16, 32) * 30).requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        out = head(x)
+        expected_dtype = linear(x.mean(1)).dtype
+    assert out.dtype == expected_dtype == dtype
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
