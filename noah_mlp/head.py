@@ -125,7 +125,8 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
         starts = torch.tensor([0] + sizes, device=drops.device).cumsum_(0)
         bounds = torch.searchsorted(drops, starts)
         counts = bounds.diff()
-        drops.sub_(starts[:-1].repeat_interleave(counts))  # positions inside each chunk
+        # positions inside each chunk, which fit int32 and so halve what the backward keeps
+        drops = drops.sub_(starts[:-1].repeat_interleave(counts)).to(torch.int32)
         bounds = bounds.tolist()
         out = q.new_empty(B, N, K, Dv)
         k_t = k.transpose(-1, -2)
@@ -133,7 +134,7 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
             one = b1 - b0 == 1
             bs = b0 if one else slice(b0, b1)
             attn = torch.softmax(_bmm_or_matmul(q[:, k0:k1], k_t[bs], one), dim=-1)
-            attn.view(-1)[drops[bounds[i]:bounds[i + 1]]] = 0.
+            attn.view(-1).index_fill_(0, drops[bounds[i]:bounds[i + 1]].long(), 0.)
             if k1 - k0 == K:
                 torch.matmul(attn, v[bs], out=out[bs])
             else:
@@ -155,13 +156,13 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
         for i, (b0, b1, k0, k1) in enumerate(chunks):
             one = b1 - b0 == 1
             bs = b0 if one else slice(b0, b1)
-            dropped = drops[bounds[i]:bounds[i + 1]]
+            dropped = drops[bounds[i]:bounds[i + 1]].long()
             q_c, g_c = q[:, k0:k1], grad_out[bs, :, k0:k1]
             attn = torch.softmax(_bmm_or_matmul(q_c, k_t[bs], one), dim=-1)  # recomputed
             grad_s = _bmm_or_matmul(g_c, v_t[bs], one)  # d loss / d kept weights, before the mask
-            grad_s.view(-1)[dropped] = 0.
+            grad_s.view(-1).index_fill_(0, dropped, 0.)
             grad_s.sub_(row_dot[bs, :, k0:k1]).mul_(attn)  # through the softmax: d loss / d scores
-            attn.view(-1)[dropped] = 0.
+            attn.view(-1).index_fill_(0, dropped, 0.)
             if one:
                 grad_v[b0].baddbmm_(attn.transpose(-1, -2), g_c)
                 grad_k[b0].baddbmm_(grad_s.transpose(-1, -2), q_c)
