@@ -200,9 +200,8 @@ def class_attention(
     flash / efficient kernels with dropout on CUDA): query/key and value head sizes are zero-padded
     to one size, rounded up to `head_dim_multiple` (default 8 on CUDA, where the fused kernels
     want it, 1 elsewhere); zero columns change no score and no output. impl='chunked' runs the
-    chunked CPU kernel above. 'auto' takes 'chunked' for
-    dropout in eager CPU fp32/fp64 (where SDPA would fall back to its materialising math backend),
-    'sdpa' otherwise.
+    chunked CPU kernel above. 'auto' takes 'chunked' for dropout in eager CPU fp32/fp64 (where
+    SDPA would fall back to its materialising math backend), 'sdpa' otherwise.
     """
     if impl == 'auto':
         impl = 'chunked' if dropout_p > 0. and _chunked_path_applies(key) else 'sdpa'
@@ -218,9 +217,11 @@ def class_attention(
     if head_dim_multiple is None:
         head_dim_multiple = 8 if key.is_cuda else 1
     head_dim = -(-max(d, dv) // head_dim_multiple) * head_dim_multiple
-    query = F.pad(query, (0, head_dim - d)).unsqueeze(0).expand(B, -1, -1, -1)
-    key = F.pad(key, (0, head_dim - d))
-    value = F.pad(value, (0, head_dim - dv))
+    if head_dim > d:  # F.pad copies even when it adds nothing
+        query, key = F.pad(query, (0, head_dim - d)), F.pad(key, (0, head_dim - d))
+    if head_dim > dv:
+        value = F.pad(value, (0, head_dim - dv))
+    query = query.unsqueeze(0).expand(B, -1, -1, -1)
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=1.0)
     return out[..., :dv]
 
