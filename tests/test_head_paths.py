@@ -233,3 +233,20 @@ def test_autocast_dtype_and_no_softmax_overflow(dtype, training):
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_compile_fullgraph_tiny_model_train_with_dropout_and_eval():
+    import timm
+    import noah_mlp  # noqa: F401  (registers the models)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('noah_gmlp_ti16_224', img_size=32, patch_size=8, num_blocks=1, num_classes=7)
+    assert model.head.drop == 0.1
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    compiled(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
