@@ -122,25 +122,27 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
         # Positions count the elements chunk after chunk: a relabelling of (b, n, k, l), so the
         # mask is still one independent draw per element.
         drops = bernoulli_drop_positions(sum(sizes), p, q.device)
-        starts = torch.tensor([0] + sizes, device=drops.device).cumsum_(0)
-        bounds = torch.searchsorted(drops, starts)
-        counts = bounds.diff()
-        # positions inside each chunk, which fit int32 and so halve what the backward keeps
-        drops = drops.sub_(starts[:-1].repeat_interleave(counts)).to(torch.int32)
-        bounds = bounds.tolist()
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        bounds = torch.searchsorted(drops, torch.tensor(starts, device=drops.device)).tolist()
+        # the backward keeps the positions inside each chunk, which fit int32
+        local = torch.empty(drops.shape, dtype=torch.int32, device=drops.device)
         out = q.new_empty(B, N, K, Dv)
         k_t = k.transpose(-1, -2)
         for i, (b0, b1, k0, k1) in enumerate(chunks):
             one = b1 - b0 == 1
             bs = b0 if one else slice(b0, b1)
+            dropped = drops[bounds[i]:bounds[i + 1]].sub_(starts[i])
+            local[bounds[i]:bounds[i + 1]] = dropped
             attn = torch.softmax(_bmm_or_matmul(q[:, k0:k1], k_t[bs], one), dim=-1)
-            attn.view(-1).index_fill_(0, drops[bounds[i]:bounds[i + 1]].long(), 0.)
+            attn.view(-1).index_fill_(0, dropped, 0.)
             if k1 - k0 == K:
                 torch.matmul(attn, v[bs], out=out[bs])
             else:
                 out[bs, :, k0:k1] = _bmm_or_matmul(attn, v[bs], one)
         out.mul_(1. / (1. - p))
-        ctx.save_for_backward(q, k, v, out, drops)
+        ctx.save_for_backward(q, k, v, out, local)
         ctx.plan = (chunks, bounds, p)
         return out
 
