@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (GroupedConvNoahHead, current_rss, interleaved_times, machine_line, mib,  # noqa: E402
                     paired_ratio, peak_rss, quartiles, reset_peak_rss, saved_tensor_bytes)
 from noah_mlp import NoahHead  # noqa: E402
-from noah_mlp.head import class_attention  # noqa: E402
 
 
 class SdpaMathHead(torch.nn.Module):
@@ -50,7 +49,20 @@ def build(args, drop):
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.05)
-    return {'noah': head, 'grouped_conv': GroupedConvNoahHead(head).train(), 'noah_sdpa': SdpaMathHead(head).train()}
+    linear = PoolLinearHead(args.channels, args.classes).train()
+    return {'noah': head, 'grouped_conv': GroupedConvNoahHead(head).train(), 'noah_sdpa': SdpaMathHead(head).train(),
+            'linear': linear}
+
+
+class PoolLinearHead(torch.nn.Module):
+    """timm's MLP-Mixer head: average over tokens, then a linear classifier."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.fc(x.mean(1))
 
 
 def make_input(args):
@@ -81,7 +93,9 @@ def measure_peaks(args, drop, names):
     out = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), '--peak-of', name, '--drop', str(drop),
-               '--threads', str(args.threads), '--batch', str(args.batch)]
+               '--threads', str(args.threads), '--batch', str(args.batch), '--tokens', str(args.tokens),
+               '--channels', str(args.channels), '--classes', str(args.classes), '--heads', str(args.heads),
+               '--key-ratio', str(args.key_ratio)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])['peak_growth']
     return out
@@ -113,7 +127,7 @@ def main():
     x = make_input(args)
     for drop in (0., 0.1):
         models = build(args, drop)
-        names = ['noah', 'grouped_conv'] + (['noah_sdpa'] if drop > 0 else [])
+        names = ['noah', 'grouped_conv'] + (['noah_sdpa'] if drop > 0 else []) + ['linear']
         with torch.no_grad():
             ref = models['grouped_conv'].eval()(x)
             err = (models['noah'].eval()(x) - ref).abs().max().item()
@@ -124,14 +138,18 @@ def main():
         label = 'NoahHead (chunked CPU kernel)' if drop > 0 else 'NoahHead (SDPA flash)'
         print(f'--- head dropout {drop} (eval outputs agree to {err:.1e}) ---')
         print(f'{"candidate":34s} {"median ms":>10s} {"min ms":>8s} {"saved for backward":>20s}')
-        titles = {'noah': label, 'grouped_conv': 'grouped-conv formulation', 'noah_sdpa': 'NoahHead via SDPA math backend'}
+        titles = {'noah': label, 'grouped_conv': 'grouped-conv formulation', 'noah_sdpa': 'NoahHead via SDPA math backend',
+                  'linear': 'timm head: token mean + Linear'}
         for n in names:
             print(f'{titles[n]:34s} {1e3 * quartiles(times[n])[1]:10.1f} {1e3 * min(times[n]):8.1f} {mib(saved[n]):>20s}')
-        for n in names[1:]:
+        for n in names[1:-1]:
             q1, med, q3 = paired_ratio(times, n, 'noah')
             print(f'speed-up of NoahHead over {titles[n]}: {med:.2f}x (IQR {q1:.2f}-{q3:.2f}; '
                   f'fastest rounds {min(times[n]) / min(times["noah"]):.2f}x)')
             print(f'saved bytes NoahHead / {titles[n]}: 1/{saved[n] / saved["noah"]:.1f}')
+        extra = [a - b for a, b in zip(times['noah'], times['linear'])]
+        print(f'NoahHead costs {1e3 * quartiles(extra)[1]:.1f} ms more than the linear head per call '
+              f'({quartiles(times["noah"])[1] / quartiles(times["linear"])[1]:.0f}x its time)')
         if args.memory and not args.quick:
             peaks = measure_peaks(args, drop, names)
             print('peak RSS growth of one forward+backward (fresh process each): ' +

@@ -85,7 +85,8 @@ def measure_peaks(args, names, mode):
     out = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), '--peak-of', name, '--mode', mode,
-               '--threads', str(args.threads), '--batch', str(args.batch)]
+               '--threads', str(args.threads), '--batch', str(args.batch), '--img-size', str(args.img_size),
+               '--model', args.model, '--baseline', args.baseline]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])['peak_growth']
     return out

@@ -15,7 +15,6 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class GroupedConvNoahHead(nn.Module):
