@@ -99,4 +99,6 @@ def test_torch_compile_fullgraph_matches_eager():
     assert compiled_grads.keys() == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-        torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-3, atol=1e-5, msg=name)
+        # fp32 sums in another order: compare against the gradient's own scale (entries near 0 included)
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
