@@ -80,9 +80,10 @@ def bernoulli_drop_positions(numel: int, p: float, device=None) -> torch.Tensor:
     if numel <= 0 or p <= 0.:
         return torch.zeros(0, dtype=torch.int64, device=device)
     draws = _gap_draws(numel, p)
-    ends = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
+    # gaps are >= 1; the clamp only guards the one-in-2^53 uniform draw of 0 (an infinite gap)
+    ends = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).clamp_(1, numel).cumsum_(0)
     while int(ends[-1]) < numel:  # the running sum must pass numel (a second round is very rare)
-        more = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).cumsum_(0)
+        more = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p).clamp_(1, numel).cumsum_(0)
         ends = torch.cat([ends, more.add_(ends[-1])])
     count = int(torch.searchsorted(ends, numel, right=True))
     return ends[:count].sub_(1)
