@@ -39,17 +39,16 @@ def safe_load(path: str) -> Any:
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if 'Weights only load failed' in text or 'Unsupported global' in text or 'GLOBAL' in text:
-            detail = ''
-            for line in text.splitlines():
-                if 'Unsupported global' in line or 'Unsupported operand' in line:
-                    detail = f' ({line.strip().rstrip(".")})'
-                    break
+        # a reference to a Python global (a class or function to call) is what could run code;
+        # any other unpickling failure means the bytes are not a checkpoint
+        globals_named = [line.strip().rstrip('.') for line in text.splitlines() if 'GLOBAL' in line or 'global' in line]
+        if globals_named:
             raise UserError(
                 f"refused to load checkpoint '{path}': it holds pickled Python objects that could run code "
-                f"when loaded{detail}. Only tensors, plain containers and argparse.Namespace are accepted; "
-                f"nothing from the file was executed.") from None
-        raise UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({text.splitlines()[0]}).") from None
+                f"when loaded ({globals_named[0]}). Only tensors, plain containers and argparse.Namespace are "
+                f"accepted; nothing from the file was executed.") from None
+        detail = next((line.strip() for line in text.splitlines() if 'Unsupported' in line), text.splitlines()[0])
+        raise UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({detail}).") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({first}).") from None

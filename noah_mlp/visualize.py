@@ -25,7 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.utils import ParseKwargs
+
 from .attention import NoahAttention, noah_attention, noah_head_of, token_grid
+from .checkpoint import safe_load
+from .cli_common import create_model_checked
+from .errors import UserError, cli_main
 
 __all__ = [
     'LoadedModel',
@@ -300,7 +305,7 @@ def write_attention_figures(
 # ----------------------------------------------------------------------------------------------
 # command line
 
-class VisualizeError(ValueError):
+class VisualizeError(UserError, ValueError):
     """A user-facing problem (missing file, unknown model, weights that do not fit): one-line message."""
 
 
@@ -312,33 +317,11 @@ class LoadedModel(NamedTuple):
     data_config: Dict[str, Any]
 
 
-def _parse_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    import ast
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise VisualizeError(f'--model-kwargs expects key=value, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def _read_checkpoint_meta(path: str) -> Dict[str, Any]:
     """The non-weight entries of a training checkpoint (class_names, args, ...); {} for bare weights."""
-    if path.endswith('.safetensors') or path.endswith(('.npz', '.npy')):
+    if path.endswith(('.safetensors', '.npz', '.npy')):
         return {}
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise VisualizeError(f'cannot read checkpoint {path}: {_first_line(e)}') from None
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
         raise VisualizeError(f'checkpoint {path} holds a {type(ckpt).__name__}, not a state dict')
     return {key: value for key, value in ckpt.items() if not isinstance(value, torch.Tensor)}
@@ -382,7 +365,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help='center-crop fraction (default: from the checkpoint\'s training args, else the model cfg)')
     p.add_argument('--class-names', metavar='FILE', default=None, help='class names, one per line')
     p.add_argument('--use-ema', action='store_true', help='use the EMA weights of a training checkpoint')
-    p.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra architecture arguments for timm.create_model (e.g. patch_size=8)')
     p.add_argument('--device', default='cpu', help='torch device (default cpu)')
     return p
@@ -412,8 +395,7 @@ def load_noah_model(
     if not os.path.isfile(checkpoint):
         raise VisualizeError(f'checkpoint not found: {checkpoint}')
     if not timm.is_model(model_name):
-        raise VisualizeError(f"unknown model '{model_name}' (NOAH models: "
-                             f"{', '.join(timm.list_models('noah_*')[:4])}, ...; see timm.list_models('noah_*'))")
+        create_model_checked(model_name)  # raises with the closest registered names
 
     meta = _read_checkpoint_meta(checkpoint)
     train_args = meta.get('args')
@@ -476,7 +458,7 @@ def _run(args: argparse.Namespace) -> List[Path]:
             raise VisualizeError(f'image not found: {img}')
     loaded = load_noah_model(
         args.model, args.checkpoint, img_size=args.img_size, num_classes=args.num_classes,
-        model_kwargs=_parse_kwargs(args.model_kwargs), class_names_file=args.class_names,
+        model_kwargs=args.model_kwargs, class_names_file=args.class_names,
         use_ema=args.use_ema, device=args.device)
 
     from PIL import Image, UnidentifiedImageError
@@ -496,19 +478,14 @@ def _run(args: argparse.Namespace) -> List[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `noah-visualize` / `python -m noah_mlp.visualize`; returns the exit status."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
-        paths = _run(args)
-    except VisualizeError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    except Exception as e:  # no tracebacks for users; the message says what went wrong
-        print(f'error: {type(e).__name__}: {_first_line(e)}', file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path)
-    return 0
+    args = _build_parser().parse_args(argv)
+
+    def run() -> int:
+        for path in _run(args):
+            print(path)
+        return 0
+
+    return cli_main(run)
 
 
 if __name__ == '__main__':

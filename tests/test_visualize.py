@@ -193,7 +193,7 @@ def test_cli_errors(tmp_path, capsys):
         ['--model', 'noah_nothing', '--checkpoint', ckpt, '--out', str(tmp_path)] + files, capsys)
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'\x00\x01 definitely not a checkpoint')
-    assert 'cannot read checkpoint' in _cli_error(
+    assert 'is corrupt or not a PyTorch checkpoint' in _cli_error(
         ['--model', 'noah_gmlp_ti16_224', '--checkpoint', str(garbage), '--out', str(tmp_path)] + files, capsys)
     assert 'checkpoint not found' in _cli_error(
         ['--model', 'noah_gmlp_ti16_224', '--checkpoint', str(tmp_path / 'nope.pth'), '--out', str(tmp_path)] + files,
@@ -220,7 +220,7 @@ def test_module_entry_point_exit_status(tmp_path):
         [sys.executable, '-m', 'noah_mlp.visualize', '--model', 'noah_gmlp_ti16_224', '--checkpoint',
          str(tmp_path / 'none.pth'), '--out', str(tmp_path), str(tmp_path / 'none.jpg')],
         capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == f'error: image not found: {tmp_path / "none.jpg"}'
 
 
