@@ -92,6 +92,18 @@ def test_resume_restores_state_and_continues_at_next_epoch(trained, data, capsys
     assert rows[:2] == rows_before  # earlier history kept
 
 
+def _wait_for(proc, prefix, timeout=180):
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f'no line starting with {prefix!r}:\n' + ''.join(lines))
+
+
 def test_sigterm_writes_recovery_checkpoint_and_resume_hint(data, tmp_path):
     out = str(tmp_path / 'out')
     cmd = [sys.executable, os.path.join(REPO, 'train.py'), data] + TINY + FAST + [
@@ -99,16 +111,7 @@ def test_sigterm_writes_recovery_checkpoint_and_resume_hint(data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
-        deadline = time.time() + 120
-        lines = []
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith('Train: epoch 0 [2/'):
-                break
-        assert any(line.startswith('Train:') for line in lines), ''.join(lines) + proc.stderr.read()
+        _wait_for(proc, 'Train: epoch 0 [2/')
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -337,18 +340,6 @@ def test_grad_accum_and_grad_checkpointing(data, tmp_path, capsys):
 def test_sync_bn_refused_with_reason(data, capsys):
     err = _fails([data] + TINY + FAST + ['--sync-bn'], capsys)
     assert '--sync-bn' in err and ('distributed' in err or 'CUDA' in err)
-
-
-def _wait_for(proc, prefix, timeout=180):
-    deadline, lines = time.time() + timeout, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(prefix):
-            return lines
-    raise AssertionError(f'no line starting with {prefix!r}:\n' + ''.join(lines))
 
 
 def test_two_process_sigterm_to_launcher_writes_recovery(data, tmp_path):
