@@ -400,20 +400,23 @@ def train_one_epoch(
             with autocast():
                 loss = loss_fn(model(input), target)
 
-        # One small all-reduce per step: non-finite loss anywhere, stop requested anywhere, summed loss.
-        flags = torch.tensor(
-            [0. if torch.isfinite(loss.detach()).item() else 1., 1. if stop.requested else 0.,
-             float(loss.detach()) if torch.isfinite(loss.detach()).item() else 0.],
-            dtype=torch.float64, device=device)
+        # One small all-reduce and one host sync per step: non-finite loss anywhere, stop requested
+        # anywhere, summed loss (built on the device, read back once).
+        loss_value = loss.detach().double()
+        finite = torch.isfinite(loss_value)
+        flags = torch.stack([
+            (~finite).double(), loss_value.new_tensor(1. if stop.requested else 0.),
+            torch.where(finite, loss_value, torch.zeros_like(loss_value))])
         _all_reduce_sum(flags, distributed)
-        if flags[0].item() > 0:
+        non_finite_any, stop_any, loss_total = flags.tolist()
+        if non_finite_any > 0:
             last_ckpt = os.path.join(saver.checkpoint_dir, 'last.pth.tar') if saver is not None else ''
             good = f'the last good checkpoint is {last_ckpt}' if last_ckpt and os.path.isfile(last_ckpt) \
                 else 'no checkpoint was written yet'
             raise UserError(
                 f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; {good}. '
                 f'Try a lower --lr, --clip-grad, or no --amp.')
-        step_loss = flags[2].item() / world_size
+        step_loss = loss_total / world_size
         loss_sum += step_loss
         loss_count += 1
 
@@ -450,7 +453,7 @@ def train_one_epoch(
                 f'ETA {_fmt_eta(eta)}')
             t_log, samples_log = now, 0
 
-        if need_update and flags[1].item() > 0:
+        if need_update and stop_any > 0:
             raise Stopped(stop.signum or signal.SIGTERM, epoch, step)
         if (need_update and args.recovery_interval and saver is not None
                 and (step + 1) % args.recovery_interval == 0 and not last):
