@@ -13,26 +13,16 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.utils import unwrap_model
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['save_pretrained_folder', 'export_onnx', 'check_onnx', 'model_input_size', 'unwrap_model']
+__all__ = ['save_pretrained_folder', 'export_onnx', 'check_onnx', 'model_input_size']
 
 PathLike = Union[str, Path]
 
 # ONNX keeps weights inside the .onnx file below this size; protobuf refuses files over 2 GiB.
 _INLINE_WEIGHTS_LIMIT = 1 << 30
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The timm model inside torch.compile, (Distributed)DataParallel or a timm EMA wrapper."""
-    while True:
-        if isinstance(getattr(model, '_orig_mod', None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif not hasattr(model, 'pretrained_cfg') and isinstance(getattr(model, 'module', None), nn.Module):
-            model = model.module  # DataParallel / DistributedDataParallel / ModelEma*
-        else:
-            return model
 
 
 def _noah_head_args(model: nn.Module) -> Dict[str, Any]:
