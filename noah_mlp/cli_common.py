@@ -23,7 +23,7 @@ def is_mixer_family(model_name: str) -> bool:
         fn = timm.models.model_entrypoint(model_name)
     except (RuntimeError, KeyError):
         return False
-    return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models')
+    return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models.mlp_mixer')
 
 
 def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:

@@ -7,7 +7,7 @@ import torch
 from timm.models import save_for_hf
 
 import noah_mlp  # noqa: F401  (registers the noah_ models)
-from noah_mlp import models as noah_models
+from noah_mlp.models import mlp_mixer as noah_models
 from noah_mlp.sharing import model_input_size, save_pretrained_folder
 
 # tiny gMLP with every reconstruction-relevant setting away from its default

@@ -16,7 +16,7 @@ from timm.layers import GatedMlp, GluMlp, lecun_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock, checkpoint_filter_fn
 
-from .head import NoahHead
+from ..head import NoahHead
 
 __all__ = ['NoahMlpMixer', 'NOAH_MODEL_ARGS', 'BASELINE_MODEL_ARGS']
 

@@ -1,0 +1,9 @@
+"""Model registrations, one module per family as in timm (`timm.models.mlp_mixer`, ...).
+
+A family's module name is the name timm records for its models (`timm.list_models(module='mlp_mixer')`
+lists the NOAH Mixer / ResMLP / gMLP twins next to timm's own), so timm's module-based filters and
+tests find them where they find the stock siblings.
+"""
+from .mlp_mixer import BASELINE_MODEL_ARGS, NOAH_MODEL_ARGS, NoahMlpMixer
+
+__all__ = ['BASELINE_MODEL_ARGS', 'NOAH_MODEL_ARGS', 'NoahMlpMixer']
