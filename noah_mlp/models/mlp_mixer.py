@@ -81,8 +81,11 @@ class NoahMlpMixer(MlpMixer):
         self.head.train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if pre_logits or isinstance(self.head, nn.Identity):
-            return super().forward_head(x, pre_logits=True)
+        if pre_logits or self.num_classes <= 0:
+            # timm's pooled embedding (spelled out: TorchScript cannot call super())
+            if self.global_pool == 'avg':
+                x = x.mean(dim=1)
+            return self.head_drop(x)
         return self.head(self.head_drop(x))
 
 
