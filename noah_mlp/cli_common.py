@@ -4,14 +4,17 @@ import contextlib
 import difflib
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import timm
 
+from .checkpoint import check_compatible, extract_state_dict, safe_load
 from .errors import UserError
 
-__all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging']
+__all__ = [
+    'create_model_checked', 'is_mixer_family', 'load_initial_weights', 'resolve_device', 'amp_autocast', 'setup_logging',
+]
 
 _logger = logging.getLogger('noah_mlp')
 
@@ -26,8 +29,15 @@ def is_mixer_family(model_name: str) -> bool:
     return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models.mlp_mixer')
 
 
-def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
-    """timm.create_model, refusing an unknown name with close registered names as suggestions."""
+def create_model_checked(
+        model_name: str, pretrained_path: Optional[str] = None, adapt_pretrained_head: bool = True, **kwargs: Any,
+) -> torch.nn.Module:
+    """timm.create_model, refusing an unknown name with close registered names as suggestions.
+
+    `pretrained_path` loads a file as the pretrained weights (timm's --pretrained-path); with
+    `adapt_pretrained_head` its classifier is dropped and the model's own head starts fresh, as in
+    timm's train.py (validation keeps it where the class count matches).
+    """
     import noah_mlp.models  # noqa: F401
     if not model_name:
         raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
@@ -40,16 +50,68 @@ def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
         hint = f' Close registered names: {", ".join(close)}.' if close else ''
         raise UserError(f"unknown model '{model_name}'.{hint} (`timm.list_models('noah_*')` lists the NOAH models.)")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if pretrained_path:
+        kwargs.update(_pretrained_path_kwargs(pretrained_path, adapt_pretrained_head))
     try:
-        return timm.create_model(model_name, **kwargs)
+        model = timm.create_model(model_name, **kwargs)
     except TypeError as e:
         if 'img_size' in kwargs and 'img_size' in str(e):
             # models without an img_size argument (CNNs) take any input size
             kwargs.pop('img_size')
-            return create_model_checked(model_name, **kwargs)
+            return create_model_checked(model_name, pretrained_path, adapt_pretrained_head, **kwargs)
         raise UserError(f"model '{model_name}' does not accept these settings ({e}).") from None
     except ValueError as e:
         raise UserError(f"cannot build model '{model_name}': {e}") from None
+    except (OSError, RuntimeError) as e:
+        if kwargs.get('pretrained'):
+            raise _pretrained_error(model_name, e) from None
+        raise
+    if pretrained_path:  # the weights are loaded: drop the config's reference to them
+        model.pretrained_cfg.pop('state_dict', None)
+    return model
+
+
+def _pretrained_path_kwargs(path: str, adapt_head: bool) -> Dict[str, Any]:
+    """timm's `--pretrained-path`: the file's weights as the model's pretrained weights, head adapted.
+
+    Read here with `safe_load` (this package's training checkpoints hold their arguments, which
+    timm's loader refuses) and handed to timm as an in-memory `state_dict` source; num_classes=-1
+    makes timm drop the file's classifier, as timm's train.py does.
+    """
+    overlay: Dict[str, Any] = dict(state_dict=extract_state_dict(safe_load(path), use_ema=True, path=path))
+    if adapt_head:
+        overlay['num_classes'] = -1
+    return dict(pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def _pretrained_error(model_name: str, error: BaseException) -> UserError:
+    """One line for pretrained weights that cannot be had: none published, offline, not cached, bad file."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name.split(':')[-1])
+    except (RuntimeError, KeyError):
+        cfg = None
+    source = cfg and (cfg.hf_hub_id or cfg.url)
+    if not source:
+        tagged = timm.list_pretrained(model_name.split('.')[0] + '*')
+        hint = f' Tags with weights: {", ".join(tagged)}.' if tagged else ''
+        return UserError(f"no pretrained weights for '{model_name}' ({detail}).{hint} Pass --pretrained-path FILE "
+                         f"(or pretrained_cfg_overlay=dict(file=FILE)) with a timm checkpoint of its linear-head "
+                         f"sibling, or train from scratch.")
+    fetch = (f'huggingface-cli download {cfg.hf_hub_id}' if cfg.hf_hub_id else f'download {cfg.url}')
+    return UserError(f"cannot load the pretrained weights of '{model_name}' from {source} ({detail}). "
+                     f"Without network access, fetch them once where there is one (`{fetch}` fills the Hugging Face "
+                     f"cache; copy it to HF_HOME here), or pass --pretrained-path FILE with a local copy.")
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, arch: str = '') -> None:
+    """`--initial-checkpoint`: the file's weights, strictly; a stock timm checkpoint gives a NOAH model its backbone."""
+    from .models.mlp_mixer import NoahMlpMixer, noah_checkpoint_filter_fn
+    state_dict = extract_state_dict(safe_load(path), use_ema=True, path=path)
+    if isinstance(model, NoahMlpMixer):
+        state_dict = noah_checkpoint_filter_fn(state_dict, model)
+    check_compatible(model, state_dict, path, arch)
+    model.load_state_dict(state_dict)
 
 
 def resolve_device(requested: Optional[str]) -> str:

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help="load FILE as the model's pretrained weights, head adapted (implies --pretrained)")
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights before training')
     g.add_argument('--resume', default='', metavar='PATH', help='resume model, optimizer, EMA, scaler, schedule')
     g.add_argument('--no-resume-opt', action='store_true', default=False)
