@@ -3,6 +3,7 @@
 No downloads: the "pretrained" weights are state dicts of tiny stock models made here, loaded
 through every route (pretrained_cfg_overlay, the Hugging Face cache offline, train.py flags).
 """
+import contextlib
 import logging
 import os
 
@@ -64,18 +65,34 @@ def test_every_published_sibling_tag_has_a_noah_twin_on_the_same_weights(sibling
     assert get_pretrained_cfg(f'noah_{sibling}').tag == get_pretrained_cfg(sibling).tag
 
 
+@contextlib.contextmanager
+def model_log_lines():
+    """Messages of the models' logger (set up directly: the CLIs' logging setup stops propagation to pytest)."""
+    logger = logging.getLogger('noah_mlp.models.mlp_mixer')
+    lines, level = [], logger.level
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.mark.parametrize('num_classes', [1000, 7])
-def test_stock_checkpoint_file_gives_the_backbone_and_a_fresh_noah_head(tmp_path, caplog, num_classes):
+def test_stock_checkpoint_file_gives_the_backbone_and_a_fresh_noah_head(tmp_path, num_classes):
     source = stock('gmlp_s16_224')
     path = tmp_path / 'gmlp_s16_224.pth'
     torch.save(source.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger='noah_mlp'):
+    with model_log_lines() as lines:
         model = timm.create_model('noah_gmlp_s16_224', pretrained=True, num_classes=num_classes,
                                   pretrained_cfg_overlay=dict(file=str(path)), **TINY)
     assert_same_backbone(model, source)
     assert model.head.query.weight.shape[0] == 4 * num_classes
     assert torch.count_nonzero(model.head.value.bias) == 0 and model.head.value.weight.std() > 0
-    lines = [r.getMessage() for r in caplog.records if 'NOAH head' in r.getMessage()]
+    lines = [line for line in lines if 'NOAH head' in line]
     assert len(lines) == 1 and 'starts fresh' in lines[0] and '1000 classes' in lines[0]
 
 
