@@ -218,12 +218,14 @@ class NoahAdapted:
         return head(self._token_dropout(tokens))
 
     def noah_token_grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
-        """(H', W') of the tokens for images of `image_size` (used to lay attention maps out as images)."""
+        """(H', W') of the tokens for images of `image_size` (to lay attention maps out as images)."""
         embed = getattr(self, 'patch_embed', None) or getattr(self, 'stem', None)
         if embed is not None and hasattr(embed, 'dynamic_feat_size'):
             return tuple(int(v) for v in embed.dynamic_feat_size(tuple(image_size)))
-        if embed is not None and getattr(embed, 'grid_size', None) is not None:
-            return tuple(int(v) for v in embed.grid_size)
+        info = getattr(self, 'feature_info', None)
+        if info:  # feature maps: the final stage's stride (padded convolutions round up)
+            reduction = info[-1]['reduction']
+            return tuple(-(-int(v) // reduction) for v in image_size)
         raise TypeError(f'{type(self).__name__}: cannot lay its tokens out as an image grid.')
 
 

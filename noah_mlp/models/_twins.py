@@ -43,20 +43,23 @@ def build_noah_twin(
         variant: str,
         pretrained: bool,
         noah_args: Dict[str, Any],
+        arch_args: Optional[Dict[str, Any]] = None,
         filter_fn: Optional[FilterFn] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """`build_stock(variant, pretrained=False, **kwargs)` (timm's generator), a NOAH head, then the weights.
+    """`build_stock(variant, pretrained=False, **arch_args, **kwargs)` (timm's generator), a NOAH head, weights.
 
-    `noah_args` are the published head settings of the variant; the caller's kwargs override them.
+    `noah_args` / `arch_args` are the variant's published head settings and architecture; the caller's
+    kwargs override both and are what the model records for config.json (the name fixes the rest).
     `filter_fn` maps a checkpoint to timm's key names (the sibling's timm filter, the NOAH authors' layout).
     `features_only=True` returns timm's feature extractor of the backbone (it has no head).
     """
     chosen = {k: kwargs.pop(k) for k in HEAD_ARGS if k in kwargs}
     head_args = dict(noah_args, **chosen)
+    build_args = dict(arch_args or {}, **kwargs)
     if kwargs.get('features_only'):
-        return build_stock(variant, pretrained=pretrained, **kwargs)
-    model = build_stock(variant, pretrained=False, **kwargs)
+        return build_stock(variant, pretrained=pretrained, **build_args)
+    model = build_stock(variant, pretrained=False, **build_args)
     model.__class__ = noah_class(type(model))
     model._setup_noah(**head_args)
     # what config.json needs to rebuild this model (timm.create_model records its kwargs itself too)

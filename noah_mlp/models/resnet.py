@@ -41,7 +41,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
     args = dict(NOAH_RESNET_ARGS[variant[len('noah_'):]])
     noah_args = {k: args.pop(k) for k in ('noah_head_num', 'key_ratio')}
     return build_noah_twin(
-        _create_resnet, variant, pretrained, noah_args, filter_fn=authors_resnet_filter, **dict(args, **kwargs))
+        _create_resnet, variant, pretrained, noah_args, arch_args=args, filter_fn=authors_resnet_filter, **kwargs)
 
 
 @register_model

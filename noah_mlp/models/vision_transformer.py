@@ -78,8 +78,8 @@ def _create_baseline(variant: str, pretrained: bool = False, **kwargs: Any) -> V
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(NOAH_DEIT_ARGS[variant[len('noah_'):]], **_NO_CLASS_TOKEN)
     return build_noah_twin(
-        _create_vision_transformer, variant, pretrained, _NOAH_ARGS, filter_fn=noah_deit_filter,
-        **dict(args, **kwargs))
+        _create_vision_transformer, variant, pretrained, _NOAH_ARGS, arch_args=args, filter_fn=noah_deit_filter,
+        **kwargs)
 
 
 @register_model
