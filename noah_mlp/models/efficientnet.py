@@ -35,7 +35,7 @@ def _authors_block_names(model: EfficientNet) -> List[List[str]]:
     for s, stage in enumerate(model.blocks):
         for b, block in enumerate(stage):
             prefix = f'blocks.{s}.{b}'
-            if hasattr(block, 'conv_pw'):  # inverted residual: expand, depthwise, project
+            if hasattr(block, 'conv_pwl'):  # inverted residual: expand, depthwise, project
                 names.append([f'{prefix}.{m}' for m in ('conv_pw', 'bn1', 'conv_dw', 'bn2', 'conv_pwl', 'bn3')])
             else:  # first block, expansion 1: depthwise, project
                 names.append([f'{prefix}.{m}' for m in ('conv_dw', 'bn1', 'conv_pw', 'bn2')])

@@ -61,14 +61,16 @@ def noah_deit_filter(state_dict: Dict[str, torch.Tensor], model: VisionTransform
         out.pop('cls_token')
         if 'pos_embed' in out and out['pos_embed'].shape[1] == model.pos_embed.shape[1] + 1:
             out['pos_embed'] = out['pos_embed'][:, 1:]
-    for key in [k for k in out if k.startswith('pre_logits.')]:
-        if getattr(model, 'noah_pre_logits', None) is None:
-            raise UserError(
-                'this checkpoint maps the tokens through a Linear + Tanh before the NOAH head (pre_logits.fc, '
-                f'{tuple(out[key].shape)}): create the model with noah_hidden_size={out[key].shape[0]} '
-                '(the NOAH authors\' code builds that layer for DeiTs narrower than 192 channels).')
-        out['noah_' + key] = out.pop(key)
-    return checkpoint_filter_fn(out, model)
+    hidden = {k: out.pop(k) for k in [k for k in out if k.startswith('pre_logits.')]}
+    if hidden and getattr(model, 'noah_pre_logits', None) is None:
+        weight = hidden.get('pre_logits.fc.weight', next(iter(hidden.values())))
+        raise UserError(
+            'this checkpoint maps the tokens through a Linear + Tanh before the NOAH head (pre_logits.fc, '
+            f'{tuple(weight.shape)}): create the model with noah_hidden_size={weight.shape[0]} '
+            "(the NOAH authors' code builds that layer for DeiTs narrower than 192 channels).")
+    out = checkpoint_filter_fn(out, model)  # timm's own filter drops any `pre_logits` it sees
+    out.update({'noah_' + k: v for k, v in hidden.items()})
+    return out
 
 
 def _create_baseline(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
