@@ -10,7 +10,7 @@ import noah_mlp  # noqa: F401
 from noah_mlp import NoahHead
 from noah_mlp.head import class_attention
 
-NOAH_MODELS = timm.list_models('noah_*')
+NOAH_MODELS = timm.list_models('noah_*', module='mlp_mixer')  # the CNN / ViT twins: tests/test_models_beyond.py
 # 32 px, 8 px patches (16 tokens), 2 blocks: every architecture, a fraction of a second each
 TINY = dict(img_size=32, patch_size=8, num_blocks=2, num_classes=10)
 
