@@ -41,7 +41,7 @@ def _not_a_checkpoint(path: str, head: bytes, detail: str) -> UserError:
         first = next((line.strip() for line in text.splitlines() if line.strip()), '')
         return UserError(f"checkpoint '{path}' is a text file, not a PyTorch checkpoint (it begins {first[:80]!r}); "
                          f"if that is a link, download the file it names.")
-    return UserError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({detail}).")
+    return UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({detail}).")
 
 
 def safe_load(path: str) -> Any:

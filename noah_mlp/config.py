@@ -119,9 +119,9 @@ def compile_backend(value: Any) -> str:
     """A torch.compile backend registered in this installation."""
     from torch._dynamo import list_backends
     text = str(value)
-    known = list_backends(exclude_tags=())
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r} (known: {', '.join(sorted(known))})")
+    if text not in list_backends(exclude_tags=()):  # debug and experimental backends count too
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {text!r} (e.g. {', '.join(sorted(list_backends()))})")
     return text
 
 

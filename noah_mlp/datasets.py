@@ -85,8 +85,8 @@ def _check_class_folders(reader: ReaderImageFolder, split_dir: str) -> None:
                         f"({', '.join(sorted(get_img_extensions()))}): a class without training images cannot be "
                         f"learnt; add images or remove the folder(s).")
     if len(reader.class_to_idx) == 1:
-        _logger.warning(f"note: '{split_dir}' has a single class folder: every prediction is that class, top-1 is "
-                        f"always 100%.")
+        _logger.warning(f"note: '{split_dir}' has a single class folder: every image has the same label, so there "
+                        f"is nothing to tell apart.")
 
 
 def _number_by_classes(reader: ReaderImageFolder, classes: Sequence[str], split_dir: str, source: str) -> None:
