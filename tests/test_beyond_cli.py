@@ -7,6 +7,7 @@ import torch
 
 from noah_mlp import train as train_mod
 from noah_mlp import validate as validate_mod
+from noah_mlp import visualize as visualize_mod
 from noah_mlp.checkpoint import safe_load
 
 from noah_train_helpers import FAST, make_image_folder
@@ -38,6 +39,13 @@ def test_noah_head_flag_trains_saves_and_validates_any_timm_model(tmp_path, caps
     best = safe_load(os.path.join(out, 'e', 'model_best.pth.tar'))['state_dict']
     torch.testing.assert_close(model.state_dict()['fc.query.weight'], best['fc.query.weight'])
     assert sd.keys() == model.state_dict().keys()
+
+    # noah-visualize draws the maps over the backbone's final feature map
+    figures = str(tmp_path / 'figures')
+    image = os.path.join(data, 'val', 'class0', '0.png')
+    assert visualize_mod.main(['--model', 'test_resnet', '--checkpoint', os.path.join(out, 'e', 'last.pth.tar'),
+                               '--out', figures, '--topk', '2', image]) == 0
+    assert os.listdir(figures) == ['0_attention.png']
 
 
 def test_noah_head_flag_on_a_noah_model_is_an_error(tmp_path, capsys):
