@@ -63,12 +63,14 @@ def _check_patch_grid(model_name: str, model: torch.nn.Module) -> None:
                         f"{'x'.join(map(str, embed.patch_size))}: raise --img-size or lower patch_size.")
 
 
-def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
+def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
     """timm.create_model with every failure caused by the arguments turned into one clear UserError.
 
     An unknown name gets close registered names as suggestions; impossible architecture values
     (counts below 1, rates outside [0, 1), an image smaller than a patch) and unreachable
-    pretrained weights are named.
+    pretrained weights are named. `noah_head=True` builds timm model `model_name` with its
+    classifier replaced by a NOAH head (`noah_mlp.add_noah_head`, through the `with_noah_head`
+    entrypoint that config.json files name).
     """
     import noah_mlp.models  # noqa: F401
     if not model_name:
@@ -81,6 +83,10 @@ def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
             close = [n for n in names if base.lower() in n][:5]
         hint = f' Close registered names: {", ".join(close)}.' if close else ''
         raise UserError(f"unknown model '{model_name}'.{hint} (`timm.list_models('noah_*')` lists the NOAH models.)")
+    if noah_head:
+        if base.startswith('noah_'):
+            raise UserError(f'--noah-head: {model_name} already has a NOAH head; leave the flag out.')
+        return create_model_checked('with_noah_head', backbone=model_name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     _check_model_kwargs(model_name, kwargs)
     try:
