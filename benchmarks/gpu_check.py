@@ -30,7 +30,8 @@ not change the exit status (a shared GPU's noise is not a bug).
    bare training step.
 
 CUDA branches of the package and the check that reaches each (`tests/test_gpu_check.py` keeps this
-table complete: every line of `noah_mlp/` matching CUDA_PATTERNS must be listed in CUDA_BRANCHES):
+table complete: every code line of `noah_mlp/` with a name matching CUDA_PATTERNS, or the string
+'cuda', must be listed in CUDA_BRANCHES):
 """
 import argparse
 import contextlib
@@ -66,12 +67,15 @@ CUDA_BRANCHES = [
     ('noah_mlp/train.py', "device.type == 'cuda':", 'train (distributed run: DDP device_ids, from 2 GPUs)'),
     ('noah_mlp/train.py', 'NativeScaler', 'train (--amp-dtype float16: loss scaler)'),
     ('noah_mlp/train.py', 'pin_memory', 'train (--pin-mem)'),
-    ('noah_mlp/train.py', 'NCCL', 'train (distributed run: NCCL)'),
+    ('noah_mlp/train.py', 'init_distributed_device_so', 'train (distributed run: timm picks NCCL on CUDA)'),
     ('noah_mlp/train.py', 'sync_bn', 'train (distributed --sync-bn, from 2 GPUs)'),
+    ('noah_mlp/train.py', 'SyncBatchNorm', 'train (distributed --sync-bn, from 2 GPUs)'),
     ('noah_mlp/validate.py', "'float16' if device.type == 'cuda'", 'train (validate.py --amp without a dtype)'),
     ('noah_mlp/validate.py', 'pin_memory', 'train (validate.py --pin-mem)'),
 ]
-CUDA_PATTERNS = re.compile(r"cuda|is_cuda|nccl|NativeScaler|pin_mem|sync_bn|SyncBatchNorm", re.IGNORECASE)
+# names in code (not in docstrings, comments or messages) that mark a CUDA-only path
+CUDA_PATTERNS = re.compile(r"cuda|nccl|NativeScaler|GradScaler|pin_mem|sync_bn|SyncBatchNorm|init_distributed",
+                           re.IGNORECASE)
 __doc__ += '\n'.join(f'    {module}: {text!r} -> {check}' for module, text, check in CUDA_BRANCHES) + '\n'
 
 SIBLINGS = [('noah_gmlp_ti16_224', 'gmlp_ti16_224'), ('noah_gmlp_s16_224', 'gmlp_s16_224'),
@@ -331,13 +335,12 @@ def _last_summary_row(exp_dir: str) -> Dict[str, str]:
 def training_runs(device: torch.device, smoke: bool) -> List[Tuple[str, List[str], List[str], List[str]]]:
     """(name, launcher, extra train.py args, log lines that must appear) of each training run."""
     py = [sys.executable, os.path.join(REPO, 'train.py')]
-    if device.type != 'cuda':
+    if device.type != 'cuda':  # one run through the launcher; tests/test_train.py covers the CPU paths in depth
         return [
-            ('bf16 amp + channels-last + EMA', py, ['--amp', '--amp-dtype', 'bfloat16', '--channels-last',
-                                                   '--model-ema'], ['AMP on: bfloat16']),
-            ('distributed_train.sh 2 (gloo) + fp16 amp (loss scaler)',
-             ['bash', os.path.join(REPO, 'distributed_train.sh'), '2'], ['--amp', '--amp-dtype', 'float16'],
-             ['backend gloo', 'AMP on: float16 with a loss scaler']),
+            ('distributed_train.sh 2 (gloo) + bf16 amp + channels-last + EMA',
+             ['bash', os.path.join(REPO, 'distributed_train.sh'), '2'],
+             ['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--model-ema'],
+             ['backend gloo', 'AMP on: bfloat16']),
         ]
     ngpu = torch.cuda.device_count()
     dist_extra = ['--amp', '--model-ema', '--channels-last', '--pin-mem'] + (['--sync-bn'] if ngpu >= 2 else [])
@@ -366,8 +369,9 @@ def check_training(rep: Report, device: torch.device, smoke: bool, work: str) ->
         rep.add('SKIP', 'train', 'NCCL DDP, DDP device_ids and --sync-bn',
                 f'need 2+ GPUs, this machine has {torch.cuda.device_count()} (the distributed run is one process)')
     if device.type != 'cuda':
-        rep.add('SKIP', 'train', '--torchcompile, NCCL, --pin-mem, --sync-bn',
-                'need CUDA (CPU compile is covered by the tests with backend aot_eager)')
+        rep.add('SKIP', 'train', '--torchcompile, NCCL, --pin-mem, --sync-bn, float16 on CUDA',
+                'need CUDA (on the CPU, tests/test_train.py covers float16 with a loss scaler, EMA and DDP; '
+                'tests/test_head_paths.py compile with backend aot_eager)')
     for i, (name, launcher, extra, expect) in enumerate(runs):
         def one(i=i, name=name, launcher=launcher, extra=extra, expect=expect):
             exp = f'run{i}'
