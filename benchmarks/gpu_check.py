@@ -63,14 +63,14 @@ CUDA_BRANCHES = [
     ('noah_mlp/cli_common.py', "device.type == 'cuda' and dtype == torch.bfloat16", 'train (--amp-dtype bfloat16)'),
     ('noah_mlp/head.py', 'key.is_cuda', 'formula, sdpa (head sizes padded to multiples of 8)'),
     ('noah_mlp/train.py', "device.type != 'cuda'", 'train (distributed --sync-bn, from 2 GPUs)'),
-    ('noah_mlp/train.py', "'float16' if device.type == 'cuda'", 'train (distributed run: --amp without a dtype)'),
+    ('noah_mlp/train.py', "device.type == 'cuda' else 'bfloat16'", 'train (distributed run: --amp without a dtype)'),
     ('noah_mlp/train.py', "device.type == 'cuda':", 'train (distributed run: DDP device_ids, from 2 GPUs)'),
     ('noah_mlp/train.py', 'NativeScaler', 'train (--amp-dtype float16: loss scaler)'),
     ('noah_mlp/train.py', 'pin_memory', 'train (--pin-mem)'),
     ('noah_mlp/train.py', 'init_distributed_device_so', 'train (distributed run: timm picks NCCL on CUDA)'),
     ('noah_mlp/train.py', 'sync_bn', 'train (distributed --sync-bn, from 2 GPUs)'),
     ('noah_mlp/train.py', 'SyncBatchNorm', 'train (distributed --sync-bn, from 2 GPUs)'),
-    ('noah_mlp/validate.py', "'float16' if device.type == 'cuda'", 'train (validate.py --amp without a dtype)'),
+    ('noah_mlp/validate.py', "device.type == 'cuda' else 'bfloat16'", 'train (validate.py --amp without a dtype)'),
     ('noah_mlp/validate.py', 'pin_memory', 'train (validate.py --pin-mem)'),
 ]
 # names in code (not in docstrings, comments or messages) that mark a CUDA-only path
