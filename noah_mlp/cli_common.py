@@ -28,8 +28,12 @@ def is_mixer_family(model_name: str) -> bool:
     return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models.mlp_mixer')
 
 
-def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
-    """timm.create_model, refusing an unknown name with close registered names as suggestions."""
+def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model, refusing an unknown name with close registered names as suggestions.
+
+    `noah_head=True` builds timm model `model_name` with its classifier replaced by a NOAH head
+    (`noah_mlp.add_noah_head`, through the `with_noah_head` entrypoint that config.json files name).
+    """
     import noah_mlp.models  # noqa: F401
     if not model_name:
         raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
@@ -41,6 +45,10 @@ def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
             close = [n for n in names if base.lower() in n][:5]
         hint = f' Close registered names: {", ".join(close)}.' if close else ''
         raise UserError(f"unknown model '{model_name}'.{hint} (`timm.list_models('noah_*')` lists the NOAH models.)")
+    if noah_head:
+        if base.startswith('noah_'):
+            raise UserError(f'--noah-head: {model_name} already has a NOAH head; leave the flag out.')
+        return create_model_checked('with_noah_head', backbone=model_name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return timm.create_model(model_name, **kwargs)

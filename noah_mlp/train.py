@@ -167,8 +167,9 @@ def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
         kwargs['drop_rate'] = args.drop
         kwargs['proj_drop_rate'] = args.proj_drop
     if args.head_drop is not None:
-        if not args.model.startswith('noah_'):
-            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models only, not {args.model}.')
+        if not (args.model.startswith('noah_') or args.noah_head):
+            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models (or --noah-head) only, '
+                            f'not {args.model}.')
         kwargs['head_drop_rate'] = args.head_drop
     img_size = args.input_size[-1] if args.input_size else args.img_size
     if img_size is not None:
@@ -520,7 +521,7 @@ def _build_model(run: TrainRun) -> None:
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
         _logger.warning(f'note: {n}')
-    model = create_model_checked(args.model, **model_kwargs)
+    model = create_model_checked(args.model, noah_head=args.noah_head, **model_kwargs)
     if args.initial_checkpoint:
         ckpt = safe_load(args.initial_checkpoint)
         sd = extract_state_dict(ckpt, use_ema=True, path=args.initial_checkpoint)
@@ -859,7 +860,7 @@ def _save_hf(args, output_dir: str, labels) -> None:
     if not os.path.isfile(best):
         best = os.path.join(output_dir, 'last.pth.tar')
     ckpt = safe_load(best)
-    model = create_model_checked(args.model, **_model_args(args, []))
+    model = create_model_checked(args.model, noah_head=args.noah_head, **_model_args(args, []))
     use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
     sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
     check_compatible(model, sd, best, args.model)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', '-m', default='', metavar='NAME')
     p.add_argument('--checkpoint', default='', metavar='PATH')
     p.add_argument('--pretrained', action='store_true', default=False)
+    p.add_argument('--noah-head', action='store_true', default=False,
+                   help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint, else the model')
     p.add_argument('--gp', default=None)
@@ -103,7 +105,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(resolve_device(args.device))
     dataset = build_dataset(args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map)
 
-    model = create_model_checked(args.model, **kwargs)
+    noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
+    model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
     if ckpt is not None:
         sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
         if args.use_ema and not (isinstance(ckpt, dict) and ('state_dict_ema' in ckpt or 'model_ema' in ckpt)):

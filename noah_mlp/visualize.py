@@ -30,6 +30,7 @@ from timm.utils import ParseKwargs
 from .attention import NoahAttention, noah_attention, noah_head_of, token_grid
 from .checkpoint import safe_load
 from .cli_common import create_model_checked
+from .sharing import model_input_size
 from .errors import UserError, cli_main
 from .sharing import model_input_size
 
@@ -91,12 +92,10 @@ def _data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -
     """timm's eval data config for `model` at the size it was built for; `overrides` (crop_pct, mean,
     std, interpolation; None values ignored) win over the model's pretrained cfg."""
     from timm.data import resolve_data_config
-    stem = model.stem
-    in_chans = stem.proj.in_channels
-    img_size = tuple(stem.img_size)
     # the pretrained cfg keeps its 224 px input size when the model was built for another size
     args = {key: value for key, value in (overrides or {}).items() if value not in (None, '')}
-    args['input_size'] = (in_chans,) + img_size
+    args.setdefault('input_size', model_input_size(model))  # a CNN records the size it was trained at
+    in_chans = args['input_size'][0]
     cfg = resolve_data_config(args, model=model)
     cfg['mean'] = _channel_stats(cfg['mean'], in_chans)
     cfg['std'] = _channel_stats(cfg['std'], in_chans)
@@ -125,7 +124,7 @@ def preprocess_images(
     `data_config` entries (crop_pct, mean, std, interpolation) override the model's.
     """
     from PIL import Image
-    in_chans = model.stem.proj.in_channels
+    in_chans = model_input_size(model)[0]
     if transform is None:
         from timm.data import create_transform
         transform = create_transform(**_data_config(model, data_config), is_training=False)
@@ -371,7 +370,8 @@ def _state_dict_num_classes(path: str, num_heads: int) -> Optional[int]:
         state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception:
         return None
-    bias = state.get('head.value.bias')
+    # the head's value bias: head.value.bias (Mixer, DeiT), fc.value.bias (ResNet), classifier.value.bias, ...
+    bias = next((v for k, v in state.items() if k.endswith('.value.bias') and k[:-10] + 'query.bias' in state), None)
     if bias is None or bias.ndim != 1 or bias.shape[0] % num_heads:
         return None
     return bias.shape[0] // num_heads
@@ -456,7 +456,8 @@ def load_noah_model(
         kwargs['num_classes'] = num_classes
 
     try:
-        model = timm.create_model(model_name, **kwargs)
+        # create_model_checked: models without img_size (CNNs) take any input size
+        model = create_model_checked(model_name, noah_head=bool(train_args.get('noah_head')), **kwargs)
     except Exception as e:
         raise VisualizeError(f'cannot create {model_name} with {kwargs}: {_first_line(e)}') from None
     try:
@@ -478,6 +479,8 @@ def load_noah_model(
     model.eval()
     # preprocess as the model was trained/validated (timm's training args)
     data_config = {key: train_args.get(key) for key in ('crop_pct', 'mean', 'std', 'interpolation')}
+    if img_size:
+        data_config['input_size'] = (model_input_size(model)[0], int(img_size), int(img_size))
     return LoadedModel(model, class_names, data_config)
 
 
