@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import zipfile
 from collections import OrderedDict
 from typing import Any, Dict
 

@@ -6,6 +6,7 @@ timm's and documented on its own.
 import argparse
 import os
 
+from .cli_common import default_loader_workers
 from .config import (
     INTERPOLATIONS, SCHEDULERS, ArgumentParser, KeyValueAction, area_fraction, check_image_args, compile_backend,
     device_name, drop_rate, non_negative_float, non_negative_int, positive_float, positive_int, probability, seed_int)
@@ -177,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=positive_int, default=50, metavar='N')
     g.add_argument('--recovery-interval', type=non_negative_int, default=0, metavar='N', help='recovery checkpoint every N steps')
     g.add_argument('--checkpoint-hist', type=positive_int, default=10, metavar='N')
-    g.add_argument('-j', '--workers', type=non_negative_int, default=4, metavar='N')
+    g.add_argument('-j', '--workers', type=non_negative_int, default=default_loader_workers(), metavar='N',
+                   help='data-loader processes per training process; the default fits the machine: '
+                        'min(4, its share of the cores - 1)')
     g.add_argument('--save-images', action='store_true', default=False, help='not supported')
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)

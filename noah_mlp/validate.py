@@ -17,7 +17,9 @@ import torch
 from timm.data import create_loader
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, resolve_data_config_checked, resolve_device, setup_logging
+from .cli_common import (
+    amp_autocast, create_model_checked, default_loader_workers, resolve_data_config_checked, resolve_device,
+    setup_logging)
 from .config import (
     INTERPOLATIONS, ArgumentParser, KeyValueAction, check_image_args, compile_backend, device_name, non_negative_int,
     positive_float, positive_int)
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--std', type=positive_float, nargs='+', default=None)
     p.add_argument('--interpolation', default='', choices=('',) + INTERPOLATIONS)
     p.add_argument('-b', '--batch-size', default=256, type=positive_int, metavar='N')
-    p.add_argument('-j', '--workers', default=4, type=non_negative_int, metavar='N')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=non_negative_int, metavar='N',
+                   help='data-loader processes; the default fits the machine: min(4, cores - 1)')
     p.add_argument('--model-kwargs', nargs='*', default=None, action=KeyValueAction, metavar='KEY=VALUE')
     p.add_argument('--device', default='auto', type=device_name)
     p.add_argument('--amp', action='store_true', default=False)
