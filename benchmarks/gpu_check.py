@@ -312,8 +312,7 @@ def check_sdpa(rep: Report, device: torch.device, smoke: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ 3. train
 def _run(cmd: List[str], log_path: str, timeout: float, env: Optional[dict] = None) -> Tuple[int, str]:
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(
-        [REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', PYTHON=sys.executable)  # bash scripts: this interpreter
     full_env.update(env or {})
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
@@ -453,6 +452,8 @@ def check_perf(rep: Report, device: torch.device, smoke: bool, work: str) -> Non
             g = torch.Generator().manual_seed(1)
             x = torch.randn(batch, 3, img, img, generator=g).to(device)
             y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+            for m in models.values():  # first steps allocate the gradients and library workspaces: not the peak
+                amp_repeat(train_step(m, x, y))()
             peaks = {n: peak_memory_growth(amp_repeat(train_step(m, x, y)), device) for n, m in models.items()}
             times = interleaved_times({n: amp_repeat(train_step(m, x, y)) for n, m in models.items()}, rounds,
                                       device=device)
@@ -524,6 +525,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument('--work-dir', default=None, help='keep data, runs and logs here (default: a temp folder)')
     ap.add_argument('--json', default=None, metavar='FILE', help='also write every result line to FILE')
     args = ap.parse_args(argv)
+    # every process started from here imports this checkout of noah_mlp, installed or not
+    os.environ['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(
+        os.pathsep) if p and os.path.abspath(p) != REPO])
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device('cuda' if cuda else 'cpu')
