@@ -263,8 +263,8 @@ def check_sdpa(rep: Report, device: torch.device, smoke: bool) -> None:
             step()  # warm-up: kernel selection and lazy initialisation stay out of the profile
             names, _ = profiled_ops(step, device)
             found = backends_of(names)
-            kernels = [n for n in names if any(k in n.lower() for k in ('flash', 'fmha', 'attention', 'cudnn'))
-                       and not n.startswith('aten::') and 'Backward' not in n][:4]
+            kernels = [n[:70] for n in names if any(k in n.lower() for k in ('flash', 'fmha', 'attention', 'cudnn'))
+                       and not n.startswith('aten::') and 'Backward' not in n][:4]  # CUDA kernel names are long
             if cuda:
                 ok = bool(found) and 'math' not in found
                 why = 'a fused kernel applies to every CUDA case'
