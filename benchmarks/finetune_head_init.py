@@ -1,6 +1,6 @@
 """Does starting the NOAH head from a pretrained linear head shorten fine-tuning? (demo digits, CPU)
 
-1. "Pretrain" the linear-head sibling (timm's Mixer with the demo's architecture) on the demo
+1. "Pretrain" the linear-head sibling (a Mixer with the demo's architecture) on the demo
    digits for a few epochs, with this package's train.py.
 2. Fine-tune its NOAH twin (kv_split=False) from that checkpoint twice with the same recipe and
    seed: NOAH head initialised fresh, and NOAH head started from the linear head
@@ -21,7 +21,9 @@ from typing import List
 
 from noah_mlp.demo import DEMO_IMG_SIZE, DEMO_MODEL_KWARGS, write_digits_dataset
 
-SIBLING = 'mixer_s16_224'
+# this package's linear-head Mixer baseline: unlike timm's own entrypoints it takes the demo's
+# architecture overrides (patch 4, 4 blocks, 128 channels), and noah_mixer_s16_075_224 is its twin
+SIBLING = 'mixer_s16_075_224'
 
 
 def _train(data: str, out: str, experiment: str, model: str, epochs: int, lr: str, extra: List[str]) -> List[float]:

@@ -9,8 +9,9 @@ Several processes (torchrun's environment; NCCL on CUDA, gloo on CPU)::
     bash distributed_train.sh 8 DATA --config configs/default_noah.yaml --model noah_gmlp_ti16_224
 
 Outputs go to ``{output}/{experiment}/``: last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar,
-summary.csv and args.yaml, every file written atomically. SIGTERM / SIGINT finish the current step,
-write a recovery checkpoint and exit non-zero with the command that resumes the run.
+summary.csv, training_curves.png (with matplotlib) and args.yaml, every file written atomically.
+SIGTERM / SIGINT finish the current step, write a recovery checkpoint and exit non-zero with the
+command that resumes the run.
 """
 import argparse
 import contextlib
@@ -31,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -41,10 +42,12 @@ from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, resolve_device, setup_logging)
+    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, resolve_data_config_checked,
+    resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .plot import plot_after_training
 from .train_args import build_parser
 
 __all__ = ['build_parser', 'main', 'train']
@@ -127,11 +130,6 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.save_images, '--save-images is not supported by this script.'),
         (args.log_wandb, '--log-wandb is not supported: read summary.csv, or feed it to your tracker.'),
         (args.torchscript, '--torchscript was removed from timm 1.x training; use --torchcompile.'),
-        (args.grad_accum_steps < 1, '--grad-accum-steps must be at least 1.'),
-        (args.batch_size < 1, '--batch-size must be at least 1.'),
-        (args.epochs < 1, '--epochs must be at least 1.'),
-        (args.checkpoint_hist < 1, '--checkpoint-hist must be at least 1.'),
-        (args.log_interval < 1, '--log-interval must be at least 1.'),
     ]
     for bad, message in refused:
         if bad:
@@ -166,8 +164,9 @@ def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
         kwargs['drop_rate'] = args.drop
         kwargs['proj_drop_rate'] = args.proj_drop
     if args.head_drop is not None:
-        if not args.model.startswith('noah_'):
-            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models only, not {args.model}.')
+        if not (args.model.startswith('noah_') or args.noah_head):
+            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models (or --noah-head) only, '
+                            f'not {args.model}.')
         kwargs['head_drop_rate'] = args.head_drop
     img_size = args.input_size[-1] if args.input_size else args.img_size
     if img_size is not None:
@@ -499,10 +498,11 @@ def _build_datasets(run: TrainRun) -> None:
         args.dataset, args.data_dir, args.train_split, is_training=True, class_map=args.class_map,
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
         download=args.dataset_download)
-    run.dataset_eval = build_dataset(
-        args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
-        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download)
     run.labels = class_names(run.dataset_train)
+    run.dataset_eval = build_dataset(  # numbered by the training classes
+        args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download,
+        classes=run.labels)
     if args.num_classes is None:
         if not run.labels:
             raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
@@ -510,6 +510,9 @@ def _build_datasets(run: TrainRun) -> None:
         _logger.info(f'{len(run.labels)} classes found in the dataset.')
     elif run.labels and len(run.labels) > args.num_classes:
         raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
+    elif run.labels and len(run.labels) < args.num_classes:
+        _logger.warning(f'note: --num-classes {args.num_classes} but the dataset has {len(run.labels)} classes: '
+                        f'the model keeps {args.num_classes - len(run.labels)} output(s) no image is labelled with.')
 
 
 def _build_model(run: TrainRun) -> None:
@@ -519,7 +522,8 @@ def _build_model(run: TrainRun) -> None:
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
         _logger.warning(f'note: {n}')
-    model = create_model_checked(args.model, args.pretrained_path, **model_kwargs)
+    model = create_model_checked(args.model, noah_head=args.noah_head, pretrained_path=args.pretrained_path,
+                                 **model_kwargs)
     if args.initial_checkpoint:
         load_initial_weights(model, args.initial_checkpoint, args.model)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
@@ -527,7 +531,7 @@ def _build_model(run: TrainRun) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
 
-    run.data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    run.data_config = resolve_data_config_checked(vars(args), model, args.model)
     if args.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
@@ -823,6 +827,7 @@ def _finish(run: TrainRun) -> int:
         _logger.info(f'*** Best metric: {run.best_metric} (epoch {run.best_epoch})')
     if run.saver is not None:
         _logger.info(f'Checkpoints in {run.output_dir}')
+        plot_after_training(run.output_dir)
     if run.args.save_hf and run.primary:
         _save_hf(run.args, run.output_dir, run.labels)
     if run.distributed:
@@ -854,7 +859,8 @@ def _save_hf(args, output_dir: str, labels) -> None:
     if not os.path.isfile(best):
         best = os.path.join(output_dir, 'last.pth.tar')
     ckpt = safe_load(best)
-    model = create_model_checked(args.model, **dict(_model_args(args, []), pretrained=False))  # weights: the checkpoint
+    model = create_model_checked(  # its weights: the checkpoint
+        args.model, noah_head=args.noah_head, **dict(_model_args(args, []), pretrained=False))
     use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
     sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
     check_compatible(model, sd, best, args.model)
