@@ -17,7 +17,6 @@ from .checkpoint import check_compatible, extract_state_dict, safe_load
 from .errors import UserError
 
 __all__ = [
-__all__ = [
     'create_model_checked', 'is_mixer_family', 'load_initial_weights', 'resolve_device', 'resolve_data_config_checked',
     'amp_autocast', 'setup_logging', 'cpu_cores', 'threads_per_process', 'default_loader_workers',
 ]
