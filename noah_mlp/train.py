@@ -9,8 +9,9 @@ Several processes (torchrun's environment; NCCL on CUDA, gloo on CPU)::
     bash distributed_train.sh 8 DATA --config configs/default_noah.yaml --model noah_gmlp_ti16_224
 
 Outputs go to ``{output}/{experiment}/``: last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar,
-summary.csv and args.yaml, every file written atomically. SIGTERM / SIGINT finish the current step,
-write a recovery checkpoint and exit non-zero with the command that resumes the run.
+summary.csv, training_curves.png (with matplotlib) and args.yaml, every file written atomically.
+SIGTERM / SIGINT finish the current step, write a recovery checkpoint and exit non-zero with the
+command that resumes the run.
 """
 import argparse
 import contextlib
@@ -44,6 +45,7 @@ from .cli_common import amp_autocast, create_model_checked, is_mixer_family, res
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .plot import plot_after_training
 from .train_args import build_parser
 
 __all__ = ['build_parser', 'main', 'train']
@@ -826,6 +828,7 @@ def _finish(run: TrainRun) -> int:
         _logger.info(f'*** Best metric: {run.best_metric} (epoch {run.best_epoch})')
     if run.saver is not None:
         _logger.info(f'Checkpoints in {run.output_dir}')
+        plot_after_training(run.output_dir)
     if run.args.save_hf and run.primary:
         _save_hf(run.args, run.output_dir, run.labels)
     if run.distributed:

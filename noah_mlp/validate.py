@@ -18,7 +18,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, resolve_device, setup_logging
+from .cli_common import amp_autocast, create_model_checked, default_loader_workers, resolve_device, setup_logging
 from .config import ArgumentParser
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--std', type=float, nargs='+', default=None)
     p.add_argument('--interpolation', default='', type=str)
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
-    p.add_argument('-j', '--workers', default=4, type=int, metavar='N')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=int, metavar='N',
+                   help='data-loader processes; the default fits the machine: min(4, cores - 1)')
     p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE')
     p.add_argument('--device', default='auto')
     p.add_argument('--amp', action='store_true', default=False)
