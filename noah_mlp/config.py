@@ -4,6 +4,11 @@
 names (``batch_size`` for ``--batch-size``); flags given on the command line override it. An
 unknown key is an error naming it. Keys that timm 1.x dropped and that configs written for timm
 0.4/0.5 still carry (the upstream NOAH config does) are mapped or ignored with a note.
+
+Values are checked once, at parse time, whatever their source: the flags' argparse types
+(`positive_int`, `drop_rate`, ...) also convert and check the YAML values, and the parser's
+`checks` (flags that must agree) run on the parsed namespace. A bad value is one UserError naming
+the flag or key.
 """
 import argparse
 import ast
