@@ -13,7 +13,7 @@ the heads' difference is the part that needs the rounds; `--full` also times bot
 side (noisier). The head's share of the multiply-adds is printed next to each figure: the goal is that
 share plus at most 3 points.
 
-    python benchmarks/bench_beyond.py            # ~3 minutes on 2 quiet cores
+    python benchmarks/bench_beyond.py            # ~5 minutes, one thread
     python benchmarks/bench_beyond.py --quick    # fewer rounds, a smoke test
 """
 import argparse
@@ -87,9 +87,9 @@ def backbone_times(model, x, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--head-rounds', type=int, default=30)
-    parser.add_argument('--backbone-rounds', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--head-rounds', type=int, default=20)
+    parser.add_argument('--backbone-rounds', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1, help='1 keeps a shared machine\'s load out of the ratios')
     parser.add_argument('--full', action='store_true', help='also time both whole models side by side')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
