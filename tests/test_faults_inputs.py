@@ -157,6 +157,11 @@ BAD_INPUTS = [
     ('head_drop_one', 'train', 'main', None, _train('--head-drop', '1'), 'argument --head-drop: must be a rate'),
     ('recovery_interval_negative', 'train', 'main', None, _train('--recovery-interval', '-1'),
      'argument --recovery-interval: must be an integer >= 0'),
+    ('augment_policy_unknown', 'train', 'main', None, _train('--aa', 'bogus'), "not a timm auto-augment policy 'bogus'"),
+    ('opt_betas_one_value', 'train', 'main', None, _train('--opt', 'adamw', '--opt-betas', '0.9'),
+     '--opt-betas takes 2 values'),
+    ('class_map_unsupported', 'train', 'main', _text_file, _train('--class-map', '{setup}'),
+     'Unsupported class map file extension'),
     ('validate_img_size_0', 'validate', 'main', None, _validate('--img-size', '0'), 'argument --img-size'),
     ('validate_model_kwargs_without_value', 'validate', 'main', None, _validate('--model-kwargs', 'embed_dim'),
      'expected KEY=VALUE'),
@@ -284,3 +289,48 @@ def test_odd_but_legal_class_counts_warn(tmp_path, capsys):
     assert code == 0
     assert 'a single class folder' in out
     assert '--num-classes 3 but the dataset has 1 classes' in out
+
+
+# ------------------------------------------------------------------------------------ files
+def test_validate_reads_safetensors_weights(pristine, checkpoint, tmp_path):
+    """A .safetensors file (timm's hub format) loads as weights, with the same metrics as the checkpoint."""
+    from safetensors.torch import save_file
+    weights = str(tmp_path / 'model.safetensors')
+    save_file(safe_load(checkpoint)['state_dict'], weights)
+    common = [pristine, '--model', TINY_MODEL, '--workers', '0', '--num-classes', '3'] + ARCH
+    from_ckpt = validate_mod.validate(common + ['--checkpoint', checkpoint])
+    from_safetensors = validate_mod.validate(common + ['--checkpoint', weights])
+    assert from_safetensors['top1'] == from_ckpt['top1'] and from_safetensors['loss'] == from_ckpt['loss']
+
+
+def test_visualize_draws_a_class_name_that_is_not_utf8(checkpoint, ctx):
+    """A class folder named with non-UTF-8 bytes (recorded by train.py with Python's surrogate escapes) is
+    drawn with its undecodable byte as \\xNN instead of crashing the figure."""
+    import torch
+    ckpt = safe_load(checkpoint)
+    ckpt['class_names'] = [os.fsdecode(b'caf\xe9')] + ckpt['class_names'][1:]
+    path = str(ctx.tmp / 'latin1.pth.tar')
+    torch.save(ckpt, path)
+    assert visualize_mod._label(ckpt['class_names'], 0) == 'caf\\xe9 (0)'
+    out = str(ctx.tmp / 'figures')
+    assert visualize_mod.main(['--model', TINY_MODEL, '--checkpoint', path, '--topk', '3', '--out', out,
+                               _image(ctx)]) == 0
+    assert os.listdir(out) == ['cat_attention.png']
+
+
+def test_readme_reliability_list_names_real_tests():
+    """Every test the README's Reliability list names exists: `[case]` rows of BAD_INPUTS, test_* functions."""
+    from noah_train_helpers import REPO
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    section = readme.split('### Reliability', 1)[1].split('\n#', 1)[0]
+    cases = set(re.findall(r'`\[(\w+)\]`', section)) - {'case'}  # minus the legend, `[case]`
+    tests = set(re.findall(r'`(?:[\w/]+\.py::)?(test_\w+)', section))
+    assert cases and tests
+    assert cases <= {row[0] for row in BAD_INPUTS}, cases - {row[0] for row in BAD_INPUTS}
+    defined = set()
+    for name in os.listdir(os.path.join(REPO, 'tests')):
+        if name.endswith('.py'):
+            with open(os.path.join(REPO, 'tests', name), encoding='utf-8') as f:
+                defined |= set(re.findall(r'^def (test_\w+)', f.read(), flags=re.M))
+    assert tests <= defined, tests - defined
