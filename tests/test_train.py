@@ -358,7 +358,8 @@ def test_two_process_sigterm_to_launcher_writes_recovery(data, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert 'Traceback' not in stderr
     assert stderr.count('SIGTERM received') == 1  # rank 0 speaks for the run
-    hint = [line for line in stderr.splitlines() if line.startswith('To resume: bash distributed_train.sh 2 ')]
+    launcher = os.path.join(REPO, 'distributed_train.sh')  # the resume command repeats the launcher as typed
+    hint = [line for line in stderr.splitlines() if line.startswith(f'To resume: bash {launcher} 2 ')]
     assert len(hint) == 1, stderr
     recovery = re.search(r'--resume (\S+)', hint[0]).group(1)
     ckpt = safe_load(recovery)
