@@ -79,12 +79,15 @@ class RunFolderLock:
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return False
             raise
-        record = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
-                                 started=datetime.now().astimezone().isoformat(timespec='seconds')))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (record + '\n').encode(), 0)
         self._fd = fd
         return True
+
+    def record_holder(self) -> None:
+        """Write who holds the lock into the lock file (read by a refused second run)."""
+        record = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                 started=datetime.now().astimezone().isoformat(timespec='seconds')))
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (record + '\n').encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -118,6 +121,7 @@ def claim_run_folder(folder: str, continuing: bool, named: bool) -> RunFolderLoc
                                 f"wait for it to end, or pass another --experiment.")
             continue
         if continuing or not _holds_run_files(candidate):
+            lock.record_holder()
             return lock
         lock.release()  # a finished run's folder: keep it, take the next name
     raise UserError(f"no free run folder name after '{base}-9999'.")
