@@ -100,20 +100,37 @@ class StopRequest:
         return self.signum is not None
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init_ignoring_stop_signals(orig_init, worker_id: int) -> None:
     # Ctrl-C, Slurm preemption, scancel and systemd signal the whole process group: loader workers keep
     # serving batches while the main process finishes its step and writes the recovery checkpoint; the
-    # main process shuts them down as it exits (and they exit by themselves if it dies).
+    # main process shuts them down as it exits (and they exit by themselves if it dies). The signals were
+    # blocked since the fork (see `_protect_workers`), so none slipped in before this point.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if orig_init is not None:
         orig_init(worker_id)
 
 
 def _protect_workers(loader) -> None:
+    """Loader workers ignore SIGINT / SIGTERM. They are forked with both signals blocked (torch installs a
+    dying SIGTERM handler in each worker before `worker_init_fn` runs), and ignore them from then on."""
     dl = getattr(loader, 'loader', loader)
-    if getattr(dl, 'num_workers', 0) > 0:
-        dl.worker_init_fn = partial(_worker_init_ignoring_stop_signals, dl.worker_init_fn)
+    if getattr(dl, 'num_workers', 0) <= 0:
+        return
+    dl.worker_init_fn = partial(_worker_init_ignoring_stop_signals, dl.worker_init_fn)
+    start_workers = dl._get_iterator  # where torch's DataLoader forks its workers
+
+    def _start_workers_with_stop_signals_blocked():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return start_workers()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal reaches this process now
+    dl._get_iterator = _start_workers_with_stop_signals_blocked
 
 
 def _shut_down_workers(loader) -> None:
