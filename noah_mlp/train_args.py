@@ -7,6 +7,7 @@ import argparse
 
 from timm.utils import ParseKwargs
 
+from .cli_common import default_loader_workers
 from .config import ArgumentParser
 
 __all__ = ['build_parser']
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--noah-head', action='store_true', default=False,
+                   help='replace the classifier of any timm --model by a NOAH head (noah_mlp.add_noah_head)')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights before training')
     g.add_argument('--resume', default='', metavar='PATH', help='resume model, optimizer, EMA, scaler, schedule')
     g.add_argument('--no-resume-opt', action='store_true', default=False)
@@ -149,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=int, default=50, metavar='N')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='recovery checkpoint every N steps')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    g.add_argument('-j', '--workers', type=int, default=default_loader_workers(), metavar='N',
+                   help='data-loader processes per training process; the default fits the machine: '
+                        'min(4, its share of the cores - 1)')
     g.add_argument('--save-images', action='store_true', default=False, help='not supported')
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)

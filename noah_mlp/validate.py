@@ -18,7 +18,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, resolve_device, setup_logging
+from .cli_common import amp_autocast, create_model_checked, default_loader_workers, resolve_device, setup_logging
 from .config import ArgumentParser
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', '-m', default='', metavar='NAME')
     p.add_argument('--checkpoint', default='', metavar='PATH')
     p.add_argument('--pretrained', action='store_true', default=False)
+    p.add_argument('--noah-head', action='store_true', default=False,
+                   help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
     p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint, else the model')
     p.add_argument('--gp', default=None)
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--std', type=float, nargs='+', default=None)
     p.add_argument('--interpolation', default='', type=str)
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
-    p.add_argument('-j', '--workers', default=4, type=int, metavar='N')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=int, metavar='N',
+                   help='data-loader processes; the default fits the machine: min(4, cores - 1)')
     p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE')
     p.add_argument('--device', default='auto')
     p.add_argument('--amp', action='store_true', default=False)
@@ -105,7 +108,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(resolve_device(args.device))
     dataset = build_dataset(args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map)
 
-    model = create_model_checked(args.model, **kwargs)
+    noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
+    model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
     if ckpt is not None:
         sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
         if args.use_ema and not (isinstance(ckpt, dict) and ('state_dict_ema' in ckpt or 'model_ema' in ckpt)):
