@@ -18,7 +18,7 @@ from noah_mlp.checkpoint import safe_load
 from noah_mlp.run_folder import LOCK_NAME, claim_run_folder
 
 from noah_fault_helpers import temp_files, train_killed_inside_write
-from noah_train_helpers import FAST, REPO, TINY, make_image_folder
+from noah_train_helpers import FAST, REPO, TINY, EvilPickle, make_image_folder
 
 
 @pytest.fixture(scope='module')
@@ -138,14 +138,6 @@ def test_unnamed_runs_started_in_the_same_second_do_not_collide(tmp_path):
         second.release()
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
 def test_crafted_checkpoint_history_deletes_nothing_outside_the_run(data, tmp_path, capsys):
     """A weights-only-loadable checkpoint whose saver history names '/abs/path' or '../x' files: resuming
     with --checkpoint-hist 1 deletes none of them; a pickle planted as model_best never runs."""
@@ -162,7 +154,7 @@ def test_crafted_checkpoint_history_deletes_nothing_outside_the_run(data, tmp_pa
                                          ('checkpoint-0.pth.tar', -1.0)]
     torch.save(ckpt, last)
     marker = tmp_path / 'pwned'
-    torch.save({'epoch': 0, 'metric': 100.0, 'state_dict': {}, 'x': _Evil(str(marker))},
+    torch.save({'epoch': 0, 'metric': 100.0, 'state_dict': {}, 'x': EvilPickle(str(marker))},
                os.path.join(exp, 'model_best.pth.tar'))
     capsys.readouterr()
     assert train_mod.main(argv + ['--epochs', '3', '--resume', last]) == 0
