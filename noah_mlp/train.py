@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
@@ -42,7 +42,8 @@ from timm.utils import (
 from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, is_mixer_family, resolve_device, setup_logging
+from .cli_common import (
+    amp_autocast, create_model_checked, is_mixer_family, resolve_data_config_checked, resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -161,12 +162,6 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.save_images, '--save-images is not supported by this script.'),
         (args.log_wandb, '--log-wandb is not supported: read summary.csv, or feed it to your tracker.'),
         (args.torchscript, '--torchscript was removed from timm 1.x training; use --torchcompile.'),
-        (args.grad_accum_steps < 1, '--grad-accum-steps must be at least 1.'),
-        (args.batch_size < 1, '--batch-size must be at least 1.'),
-        (args.epochs < 1, '--epochs must be at least 1.'),
-        (args.checkpoint_hist < 1, '--checkpoint-hist must be at least 1.'),
-        (args.log_interval < 1, '--log-interval must be at least 1.'),
-        (args.recovery_interval < 0, '--recovery-interval must be 0 (off) or a number of steps.'),
     ]
     for bad, message in refused:
         if bad:
@@ -565,10 +560,11 @@ def _build_datasets(run: TrainRun) -> None:
         args.dataset, args.data_dir, args.train_split, is_training=True, class_map=args.class_map,
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
         download=args.dataset_download)
-    run.dataset_eval = build_dataset(
-        args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
-        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download)
     run.labels = class_names(run.dataset_train)
+    run.dataset_eval = build_dataset(  # numbered by the training classes
+        args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download,
+        classes=run.labels)
     if args.num_classes is None:
         if not run.labels:
             raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
@@ -576,6 +572,9 @@ def _build_datasets(run: TrainRun) -> None:
         _logger.info(f'{len(run.labels)} classes found in the dataset.')
     elif run.labels and len(run.labels) > args.num_classes:
         raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
+    elif run.labels and len(run.labels) < args.num_classes:
+        _logger.warning(f'note: --num-classes {args.num_classes} but the dataset has {len(run.labels)} classes: '
+                        f'the model keeps {args.num_classes - len(run.labels)} output(s) no image is labelled with.')
 
 
 def _build_model(run: TrainRun) -> None:
@@ -596,7 +595,7 @@ def _build_model(run: TrainRun) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
 
-    run.data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    run.data_config = resolve_data_config_checked(vars(args), model, args.model)
     if args.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')

@@ -14,12 +14,15 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
-from timm.data import create_loader, resolve_data_config
-from timm.utils import ParseKwargs
+from timm.data import create_loader
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, default_loader_workers, resolve_device, setup_logging
-from .config import ArgumentParser
+from .cli_common import (
+    amp_autocast, create_model_checked, default_loader_workers, resolve_data_config_checked, resolve_device,
+    setup_logging)
+from .config import (
+    INTERPOLATIONS, ArgumentParser, KeyValueAction, check_image_args, compile_backend, device_name, non_negative_int,
+    positive_float, positive_int)
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
 from .run_folder import check_writable_file
@@ -32,7 +35,7 @@ _logger = logging.getLogger('noah_mlp.validate')
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='validate.py', description='Evaluate timm / NOAH image classifiers (timm validate.py flags).',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, checks=[check_image_args])
     p.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder with val/ or validation/)')
     p.add_argument('--data-dir', metavar='DIR', default=None)
     p.add_argument('--dataset', metavar='NAME', default='', help='timm dataset spec (empty: ImageFolder)')
@@ -44,28 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--noah-head', action='store_true', default=False,
                    help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
-    p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint, else the model')
+    p.add_argument('--num-classes', type=positive_int, default=None, help='default: from the checkpoint, else the model')
     p.add_argument('--gp', default=None)
-    p.add_argument('--img-size', default=None, type=int, metavar='N', help='evaluate (and build the model) at N px')
-    p.add_argument('--in-chans', type=int, default=None)
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
-    p.add_argument('--crop-pct', default=None, type=float, metavar='PCT')
-    p.add_argument('--crop-mode', default=None, type=str)
+    p.add_argument('--img-size', default=None, type=positive_int, metavar='N', help='evaluate (and build the model) at N px')
+    p.add_argument('--in-chans', type=positive_int, default=None)
+    p.add_argument('--input-img-mode', default=None, metavar='MODE', help='PIL mode (default: L for 1 channel, else RGB)')
+    p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar='N')
+    p.add_argument('--crop-pct', default=None, type=positive_float, metavar='PCT')
+    p.add_argument('--crop-mode', default=None, choices=('center', 'squash', 'border'))
     p.add_argument('--mean', type=float, nargs='+', default=None)
-    p.add_argument('--std', type=float, nargs='+', default=None)
-    p.add_argument('--interpolation', default='', type=str)
-    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
-    p.add_argument('-j', '--workers', default=default_loader_workers(), type=int, metavar='N',
+    p.add_argument('--std', type=positive_float, nargs='+', default=None)
+    p.add_argument('--interpolation', default='', choices=('',) + INTERPOLATIONS)
+    p.add_argument('-b', '--batch-size', default=256, type=positive_int, metavar='N')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=non_negative_int, metavar='N',
                    help='data-loader processes; the default fits the machine: min(4, cores - 1)')
-    p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE')
-    p.add_argument('--device', default='auto')
+    p.add_argument('--model-kwargs', nargs='*', default=None, action=KeyValueAction, metavar='KEY=VALUE')
+    p.add_argument('--device', default='auto', type=device_name)
     p.add_argument('--amp', action='store_true', default=False)
     p.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'])
     p.add_argument('--channels-last', action='store_true', default=False)
-    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+    p.add_argument('--torchcompile', nargs='?', type=compile_backend, default=None, const='inductor')
     p.add_argument('--no-prefetcher', action='store_true', default=False)
     p.add_argument('--pin-mem', action='store_true', default=False)
-    p.add_argument('--log-freq', default=10, type=int)
+    p.add_argument('--log-freq', default=10, type=positive_int)
     p.add_argument('--results-file', default='', metavar='FILE', help='write the results as JSON')
     return p
 
@@ -106,7 +110,14 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     kwargs.update(model_kwargs)
 
     device = torch.device(resolve_device(args.device))
-    dataset = build_dataset(args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map)
+    trained_classes = ckpt.get('class_names') if isinstance(ckpt, dict) else None  # recorded by noah-train
+    if not (isinstance(trained_classes, (list, tuple)) and trained_classes
+            and all(isinstance(n, str) for n in trained_classes)):
+        trained_classes = None
+    dataset = build_dataset(
+        args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map,
+        input_img_mode=args.input_img_mode, classes=trained_classes,
+        classes_from=f"checkpoint '{args.checkpoint}'")
 
     noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
     model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
@@ -126,7 +137,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data_cfg_args = dict(vars(args))
     if img_size is not None:
         data_cfg_args['img_size'] = img_size
-    data_config = resolve_data_config(data_cfg_args, model=model, use_test_size=True, verbose=False)
+    data_config = resolve_data_config_checked(data_cfg_args, model, args.model, use_test_size=True)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

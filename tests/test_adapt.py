@@ -247,3 +247,24 @@ def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     assert type(copied) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(copied(x), model(x))
+
+
+def test_noah_class_builds_a_model_from_the_timm_class_arguments():
+    from timm.models.resnet import BasicBlock, ResNet
+    from noah_mlp.adapt import noah_class
+    model = noah_class(ResNet)(block=BasicBlock, layers=(1, 1, 1, 1), num_classes=5, noah_head_num=2, key_ratio=0.25)
+    assert type(model).timm_class is ResNet and noah_class(ResNet) is type(model)
+    assert (model.noah_head.num_heads, model.noah_head.key_ratio, model.noah_head.num_classes) == (2, 0.25, 5)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_with_noah_head_starts_from_a_stock_checkpoint(tmp_path):
+    name, kwargs, size, _ = FAMILIES['regnet']
+    stock = timm.create_model(name, **kwargs).eval()
+    torch.save(stock.state_dict(), tmp_path / 'stock.pth')
+    model = timm.create_model('with_noah_head', backbone=name, pretrained=True, num_classes=4, **kwargs,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'stock.pth'))).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), stock.forward_features(x))
+    assert model.noah_head.num_classes == 4
