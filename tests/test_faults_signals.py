@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,15 +65,30 @@ def _recovery_from_hint(err):
     return hints[0][len('To resume: '):], re.search(r'--resume (\S+)$', hints[0]).group(1)
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.parametrize('nproc', [1, 2])
 def test_sigterm_to_the_process_group_with_loader_workers(data, tmp_path, nproc):
     """What Slurm preemption, scancel and systemd do: SIGTERM to every process, loader workers included.
-    The workers keep serving until the step ends; a recovery checkpoint is written; exit 128 + 15."""
+    The workers keep serving until the step ends; a recovery checkpoint is written; exit 128 + 15.
+    With 2 processes, launched with torchrun node options and $TORCHRUN_ARGS, the printed resume
+    command repeats them (same processes, same global batch)."""
     out = str(tmp_path / 'out')
     args = [data] + TINY + FAST + ['--workers', '2', '--epochs', '100', '--output', out, '--experiment', 'pg',
                                    '--log-interval', '1']
-    cmd = [sys.executable, TRAIN_PY] + args if nproc == 1 else ['bash', DIST_SH, str(nproc)] + args
-    proc = _start(cmd, str(tmp_path))
+    env = {}
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN_PY] + args
+    else:
+        node_options = ['--nnodes', '1', '--node-rank', '0', '--master-addr', '127.0.0.1', '--master-port',
+                        str(_free_port())]
+        cmd = ['bash', DIST_SH, str(nproc)] + node_options + args
+        env = dict(TORCHRUN_ARGS='--max-restarts 0')
+    proc = _start(cmd, str(tmp_path), **env)
     try:
         _wait_for(proc, str(tmp_path), 'Train: epoch 0 [2/')
         os.killpg(proc.pid, signal.SIGTERM)
@@ -81,9 +97,12 @@ def test_sigterm_to_the_process_group_with_loader_workers(data, tmp_path, nproc)
     err = _read(str(tmp_path), 'err.log')
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert 'Traceback' not in err and 'killed by signal' not in err
-    _, recovery = _recovery_from_hint(err)
+    command, recovery = _recovery_from_hint(err)
     assert re.fullmatch(r'recovery-\d+-\d+\.pth\.tar', os.path.basename(recovery))
     assert safe_load(recovery)['recovery'] is True
+    if nproc == 2:
+        typed = ' '.join(shlex.quote(a) for a in cmd[1:len(cmd) - len(args)])
+        assert command.startswith(f'TORCHRUN_ARGS=--max-restarts\\ 0 bash {typed} {data} '), command
 
 
 def _children(pid):
@@ -181,17 +200,3 @@ def test_printed_resume_command_of_python_m_runs(data, tmp_path):
         os.killpg(again.pid, signal.SIGKILL)
         again.wait()
     assert first.startswith(f"Resumed from '{recovery}'"), first
-
-
-def test_printed_resume_command_keeps_torchrun_node_options(data, tmp_path):
-    """distributed_train.sh with node and rendezvous options (and $TORCHRUN_ARGS): the resume command
-    repeats them, so a resumed run has the same processes and global batch."""
-    out = str(tmp_path / 'out')
-    port = str(29700 + os.getpid() % 200)
-    command, recovery = _stopped_run(['bash', DIST_SH, '1', '--nnodes', '1', '--node-rank', '0', '--master-addr',
-                                      '127.0.0.1', '--master-port', port, data] + TINY + FAST + [
-        '--epochs', '100', '--output', out, '--experiment', 'nodes', '--log-interval', '1'], str(tmp_path),
-        TORCHRUN_ARGS='--max-restarts 0')
-    assert command.startswith(f"TORCHRUN_ARGS=--max-restarts\\ 0 bash {DIST_SH} 1 --nnodes 1 --node-rank 0 "
-                              f"--master-addr 127.0.0.1 --master-port {port} {data} "), command
-    assert command.endswith(f'--resume {recovery}')
