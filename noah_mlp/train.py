@@ -68,6 +68,7 @@ class StopRequest:
         self.signum: Optional[int] = None
         self._first = 0.
         self._old = {}
+        self._announced = False
 
     def install(self) -> None:
         import threading
@@ -92,9 +93,17 @@ class StopRequest:
             return
         self.signum = signum
         self._first = time.monotonic()
-        if os.environ.get('RANK', '0') != '0':
+        if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+            self.announce(signum)
+        # several processes: rank 0 announces the stop once the step's all-reduce has seen it
+        # (torchrun also sends SIGTERM when a peer fails; that run ends with the peer's error instead)
+
+    def announce(self, signum: Optional[int]) -> None:
+        """Say once, on rank 0, that the run is stopping."""
+        if self._announced or os.environ.get('RANK', '0') != '0':
             return
-        name = signal.Signals(signum).name
+        self._announced = True
+        name = signal.Signals(signum or signal.SIGTERM).name
         print(f'{name} received: finishing the current step, then writing a recovery checkpoint '
               f'(send it again to stop at once).', file=sys.stderr, flush=True)
 
@@ -337,6 +346,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
             with run.autocast():
                 loss = run.train_loss_fn(model(input), target)
         step_loss, stop_any = _reduce_step_flags(run, loss, epoch, step, total)
+        if stop_any > 0:
+            run.stop.announce(run.stop.signum)
         loss_sum += step_loss
         loss_count += 1
         with sync_ctx():
