@@ -13,7 +13,7 @@ the heads' difference is the part that needs the rounds; `--full` also times bot
 side (noisier). The head's share of the multiply-adds is printed next to each figure: the goal is that
 share plus at most 3 points.
 
-    python benchmarks/bench_beyond.py            # ~3 minutes on 2 quiet cores
+    python benchmarks/bench_beyond.py            # ~5 minutes, one thread
     python benchmarks/bench_beyond.py --quick    # fewer rounds, a smoke test
 """
 import argparse
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_times, machine_line, paired_ratio  # noqa: E402
+from common import GroupedConvNoahHead, interleaved_times, machine_line, paired_ratio  # noqa: E402
 import noah_mlp  # noqa: E402,F401  (registers the models)
 
 PAIRS = [('resnet50', 'noah_resnet50'), ('deit_small_patch16_224', 'noah_deit_small_patch16_224')]
@@ -42,21 +42,32 @@ def head_mac_share(model: torch.nn.Module, features: torch.Tensor, baseline: str
     return (L * K * C - K * C) / MODEL_MACS[baseline]
 
 
-def head_step(model, features, y):
+def head_step(model, forward, features, y):
     def step():
         model.train()
         model.zero_grad(set_to_none=True)
         f = features.detach().requires_grad_()
-        F.cross_entropy(model.forward_head(f), y).backward()
+        F.cross_entropy(forward(f), y).backward()
     return step
 
 
-def head_infer(model, features):
+def head_infer(model, forward, features):
     def step():
         model.eval()
         with torch.no_grad():
-            model.forward_head(features)
+            forward(features)
     return step
+
+
+def grouped_conv_forward(model):
+    """The same NOAH head computed as published (grouped 1x1 convolutions on materialised scores)."""
+    gconv = GroupedConvNoahHead(model.noah_head)
+
+    def forward(features):
+        tokens, _ = model.forward_noah_tokens(features)
+        gconv.train(model.training)
+        return gconv(tokens)
+    return forward
 
 
 def backbone_times(model, x, rounds):
@@ -76,9 +87,9 @@ def backbone_times(model, x, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--head-rounds', type=int, default=30)
-    parser.add_argument('--backbone-rounds', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--head-rounds', type=int, default=20)
+    parser.add_argument('--backbone-rounds', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1, help='1 keeps a shared machine\'s load out of the ratios')
     parser.add_argument('--full', action='store_true', help='also time both whole models side by side')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
@@ -97,14 +108,17 @@ def main():
         share = head_mac_share(model, features, baseline)
         print(f'{noah} vs {baseline}: the NOAH head adds {100 * share:.1f}% of the multiply-adds')
         bb_train, bb_infer = backbone_times(model, x, backbone_rounds)
-        for title, bb, make in (('training step', bb_train, lambda m: head_step(m, features, y)),
-                                ('inference', bb_infer, lambda m: head_infer(m, features))):
-            times = interleaved_times({'linear': make(linear), 'noah': make(model)}, head_rounds)
-            lin, nh = statistics.median(times['linear']), statistics.median(times['noah'])
+        forwards = {'linear': (linear, linear.forward_head), 'noah': (model, model.forward_head),
+                    'gconv': (model, grouped_conv_forward(model))}
+        for title, bb, make in (('training step', bb_train, lambda m, fw: head_step(m, fw, features, y)),
+                                ('inference', bb_infer, lambda m, fw: head_infer(m, fw, features))):
+            times = interleaved_times({n: make(m, fw) for n, (m, fw) in forwards.items()}, head_rounds)
+            lin, nh, gc = (statistics.median(times[n]) for n in ('linear', 'noah', 'gconv'))
             q1, med, q3 = paired_ratio(times, 'noah', 'linear')
             print(f'  {title:14s} {100 * (nh - lin) / (bb + lin):+.1f}% of the model  (backbone {1e3 * bb:.0f} ms; '
                   f'heads: linear {1e3 * lin:.1f} ms, NOAH {1e3 * nh:.1f} ms, paired ratio {med:.2f} '
-                  f'[{q1:.2f}..{q3:.2f}])')
+                  f'[{q1:.2f}..{q3:.2f}]); published grouped-conv form {1e3 * gc:.1f} ms, '
+                  f'{100 * (gc - lin) / (bb + lin):+.1f}% of the model')
         if args.full:
             def whole(m, train):
                 def step():

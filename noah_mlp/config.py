@@ -4,6 +4,11 @@
 names (``batch_size`` for ``--batch-size``); flags given on the command line override it. An
 unknown key is an error naming it. Keys that timm 1.x dropped and that configs written for timm
 0.4/0.5 still carry (the upstream NOAH config does) are mapped or ignored with a note.
+
+Values are checked once, at parse time, whatever their source: the flags' argparse types
+(`positive_int`, `drop_rate`, ...) also convert and check the YAML values, and the parser's
+`checks` (flags that must agree) run on the parsed namespace. A bad value is one UserError naming
+the flag or key.
 """
 import argparse
 import ast
@@ -19,7 +24,7 @@ from .errors import UserError
 __all__ = [
     'ArgumentParser', 'parse_args_with_config', 'LEGACY_KEYS', 'args_to_yaml', 'KeyValueAction',
     'positive_int', 'non_negative_int', 'seed_int', 'positive_float', 'non_negative_float', 'probability',
-    'drop_rate', 'area_fraction', 'device_name', 'compile_backend', 'INTERPOLATIONS', 'SCHEDULERS',
+    'drop_rate', 'area_fraction', 'device_name', 'compile_backend', 'augment_policy', 'INTERPOLATIONS', 'SCHEDULERS',
     'check_image_args',
 ]
 
@@ -122,6 +127,22 @@ def compile_backend(value: Any) -> str:
     if text not in list_backends(exclude_tags=()):  # debug and experimental backends count too
         raise argparse.ArgumentTypeError(
             f"unknown torch.compile backend {text!r} (e.g. {', '.join(sorted(list_backends()))})")
+    return text
+
+
+def augment_policy(value: Any) -> str:
+    """A timm auto-augment string ('rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'original', ...), tried by
+    building its transform as timm's create_transform does."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    text = str(value)
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    build = rand_augment_transform if text.startswith('rand') else (
+        augment_and_mix_transform if text.startswith('augmix') else auto_augment_transform)
+    try:
+        build(text, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise argparse.ArgumentTypeError(f'not a timm auto-augment policy {text!r} ({detail})') from None
     return text
 
 

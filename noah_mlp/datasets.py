@@ -166,8 +166,10 @@ def build_dataset(
             dataset = create_dataset(
                 name, root=split_dir, split=split, search_split=False, class_map=class_map or None,
                 is_training=is_training, input_img_mode=input_img_mode, **kwargs)
-        except (FileNotFoundError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot read dataset folder '{split_dir}': {str(e).splitlines()[0]}") from None
+        except (FileNotFoundError, RuntimeError, ValueError, AssertionError) as e:  # timm asserts on class maps
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            using = f" with class map '{class_map}'" if class_map else ''
+            raise UserError(f"cannot read dataset folder '{split_dir}'{using}: {first}") from None
         if len(dataset) == 0:
             raise UserError(f"dataset folder '{split_dir}' holds no images (expected one sub-folder of images per class).")
         if type(dataset) is ImageDataset:

@@ -8,8 +8,9 @@ import os
 
 from .cli_common import default_loader_workers
 from .config import (
-    INTERPOLATIONS, SCHEDULERS, ArgumentParser, KeyValueAction, area_fraction, check_image_args, compile_backend,
-    device_name, drop_rate, non_negative_float, non_negative_int, positive_float, positive_int, probability, seed_int)
+    INTERPOLATIONS, SCHEDULERS, ArgumentParser, KeyValueAction, area_fraction, augment_policy, check_image_args,
+    compile_backend, device_name, drop_rate, non_negative_float, non_negative_int, positive_float, positive_int,
+    probability, seed_int)
 from .errors import UserError
 
 __all__ = ['build_parser', 'check_train_args']
@@ -29,6 +30,8 @@ def check_train_args(args: argparse.Namespace) -> None:
     _check_range_pair(args, '--scale', upper=1.)
     _check_range_pair(args, '--ratio')
     _check_range_pair(args, '--cutmix-minmax', upper=1.)
+    if args.opt_betas is not None and len(args.opt_betas) not in (2, 3):
+        raise UserError(f'--opt-betas takes 2 values (3 for Adan-style optimizers), got {len(args.opt_betas)}.')
     if args.lr_noise is not None and len(args.lr_noise) > 2:
         raise UserError(f'--lr-noise takes one or two epochs (or fractions), got {len(args.lr_noise)} values.')
     if args.aug_repeats and int(os.environ.get('WORLD_SIZE', '1')) < 2:
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', metavar='NAME')
     g.add_argument('--opt-eps', default=None, type=positive_float, metavar='EPS')
-    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--opt-betas', default=None, type=drop_rate, nargs='+', metavar='BETA')
     g.add_argument('--momentum', type=non_negative_float, default=0.9, metavar='M')
     g.add_argument('--weight-decay', type=non_negative_float, default=2e-5)
     g.add_argument('--clip-grad', type=positive_float, default=None, metavar='NORM')
@@ -134,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--color-jitter-prob', type=probability, default=None)
     g.add_argument('--grayscale-prob', type=probability, default=None)
     g.add_argument('--gaussian-blur-prob', type=probability, default=None)
-    g.add_argument('--aa', type=str, default=None, help='auto augment, e.g. rand-m6-n3-mstd1.0-inc1')
+    g.add_argument('--aa', type=augment_policy, default=None, help='auto augment, e.g. rand-m6-n3-mstd1.0-inc1')
     g.add_argument('--aug-repeats', type=non_negative_int, default=0)
     g.add_argument('--aug-splits', type=non_negative_int, default=0, help='not supported (must be 0)')
     g.add_argument('--jsd-loss', action='store_true', default=False, help='not supported')

@@ -78,8 +78,10 @@ def reference_logits(head, tokens):
     ck = int(C * head.key_ratio)
     xk = tokens[..., :ck].reshape(B, L, N, -1)
     xv = tokens[..., ck:].reshape(B, L, N, -1)
-    q = torch.einsum('blnd,nkd->bnkl', xk, head.query.weight.reshape(N, K, -1)) + head.query.bias.reshape(N, K)[..., None]
-    v = torch.einsum('blnd,nkd->bnkl', xv, head.value.weight.reshape(N, K, -1)) + head.value.bias.reshape(N, K)[..., None]
+    wq, bq = head.query.weight.reshape(N, K, -1), head.query.bias.reshape(N, K, 1)
+    wv, bv = head.value.weight.reshape(N, K, -1), head.value.bias.reshape(N, K, 1)
+    q = torch.einsum('blnd,nkd->bnkl', xk, wq) + bq
+    v = torch.einsum('blnd,nkd->bnkl', xv, wv) + bv
     return (q.softmax(-1) * v).sum(dim=(1, 3))
 
 
@@ -109,7 +111,8 @@ def test_pre_logits_stay_timms_pooled_embedding(family):
     model.eval(), stock.eval()
     with torch.no_grad():
         feats = model.forward_features(x)
-        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), stock.forward_head(feats, pre_logits=True))
+        expected = stock.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), expected)
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
