@@ -51,7 +51,8 @@ def _not_a_checkpoint(path: str, head: bytes, detail: str) -> UserError:
 def safe_load(path: str) -> Any:
     """Load a checkpoint file without running pickled code; UserError for missing, corrupt or unsafe files.
 
-    torch.save files are read weights-only; .safetensors files (timm's hub format) give their tensors.
+    torch.save files are read weights-only; .safetensors files (timm's hub format) give their tensors
+    (read with the safetensors package: torch.load reads them only in recent PyTorch releases).
     """
     if not os.path.exists(path):
         raise UserError(f"checkpoint '{path}' does not exist.")

@@ -289,3 +289,48 @@ def test_odd_but_legal_class_counts_warn(tmp_path, capsys):
     assert code == 0
     assert 'a single class folder' in out
     assert '--num-classes 3 but the dataset has 1 classes' in out
+
+
+# ------------------------------------------------------------------------------------ files
+def test_validate_reads_safetensors_weights(pristine, checkpoint, tmp_path):
+    """A .safetensors file (timm's hub format) loads as weights, with the same metrics as the checkpoint."""
+    from safetensors.torch import save_file
+    weights = str(tmp_path / 'model.safetensors')
+    save_file(safe_load(checkpoint)['state_dict'], weights)
+    common = [pristine, '--model', TINY_MODEL, '--workers', '0', '--num-classes', '3'] + ARCH
+    from_ckpt = validate_mod.validate(common + ['--checkpoint', checkpoint])
+    from_safetensors = validate_mod.validate(common + ['--checkpoint', weights])
+    assert from_safetensors['top1'] == from_ckpt['top1'] and from_safetensors['loss'] == from_ckpt['loss']
+
+
+def test_visualize_draws_a_class_name_that_is_not_utf8(checkpoint, ctx):
+    """A class folder named with non-UTF-8 bytes (recorded by train.py with Python's surrogate escapes) is
+    drawn with its undecodable byte as \\xNN instead of crashing the figure."""
+    import torch
+    ckpt = safe_load(checkpoint)
+    ckpt['class_names'] = [os.fsdecode(b'caf\xe9')] + ckpt['class_names'][1:]
+    path = str(ctx.tmp / 'latin1.pth.tar')
+    torch.save(ckpt, path)
+    assert visualize_mod._label(ckpt['class_names'], 0) == 'caf\\xe9 (0)'
+    out = str(ctx.tmp / 'figures')
+    assert visualize_mod.main(['--model', TINY_MODEL, '--checkpoint', path, '--topk', '3', '--out', out,
+                               _image(ctx)]) == 0
+    assert os.listdir(out) == ['cat_attention.png']
+
+
+def test_readme_reliability_list_names_real_tests():
+    """Every test the README's Reliability list names exists: `[case]` rows of BAD_INPUTS, test_* functions."""
+    from noah_train_helpers import REPO
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    section = readme.split('### Reliability', 1)[1].split('\n#', 1)[0]
+    cases = set(re.findall(r'`\[(\w+)\]`', section)) - {'case'}  # minus the legend, `[case]`
+    tests = set(re.findall(r'`(?:[\w/]+\.py::)?(test_\w+)', section))
+    assert cases and tests
+    assert cases <= {row[0] for row in BAD_INPUTS}, cases - {row[0] for row in BAD_INPUTS}
+    defined = set()
+    for name in os.listdir(os.path.join(REPO, 'tests')):
+        if name.endswith('.py'):
+            with open(os.path.join(REPO, 'tests', name), encoding='utf-8') as f:
+                defined |= set(re.findall(r'^def (test_\w+)', f.read(), flags=re.M))
+    assert tests <= defined, tests - defined
