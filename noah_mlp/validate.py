@@ -25,6 +25,7 @@ from .config import (
     positive_float, positive_int)
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .run_folder import check_writable_file
 from .train import evaluate
 
 __all__ = ['build_parser', 'main', 'validate']
@@ -88,6 +89,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data_dir = args.data or args.data_dir
     if not args.model:
         raise UserError('no model given: pass --model NAME.')
+    if args.results_file:
+        check_writable_file(args.results_file, '--results-file')  # now, not after the evaluation
 
     ckpt = safe_load(args.checkpoint) if args.checkpoint else None
     train_args = _arch_from_checkpoint(ckpt)
