@@ -13,7 +13,19 @@ import yaml
 
 from .errors import UserError
 
-__all__ = ['ArgumentParser', 'parse_args_with_config', 'LEGACY_KEYS', 'args_to_yaml']
+__all__ = ['ArgumentParser', 'HelpFormatter', 'parse_args_with_config', 'LEGACY_KEYS', 'args_to_yaml']
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it says something (not None, False, '' or []), 110 columns wide."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=110)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, '', [], {}) or action.default is argparse.SUPPRESS:
+            return action.help or ''
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -43,7 +43,7 @@ from .cli_common import amp_autocast, create_model_checked, is_mixer_family, res
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
-from .train_args import build_parser
+from .train_args import REFUSED, build_parser, refused_in_use
 
 __all__ = ['build_parser', 'main', 'train']
 
@@ -117,14 +117,9 @@ class Stopped(Exception):
 
 # --------------------------------------------------------------------------------------------- helpers
 def _check_args(args: argparse.Namespace) -> None:
+    for message in refused_in_use(build_parser(), args, REFUSED):
+        raise UserError(message)
     refused = [
-        (args.aug_splits > 0, '--aug-splits (augmentation splits / AugMix) is not supported by this script.'),
-        (args.jsd_loss, '--jsd-loss (needs --aug-splits) is not supported by this script.'),
-        (args.split_bn, '--split-bn (needs --aug-splits) is not supported by this script.'),
-        (args.tta > 0, '--tta applies to validation, not to training.'),
-        (args.save_images, '--save-images is not supported by this script.'),
-        (args.log_wandb, '--log-wandb is not supported: read summary.csv, or feed it to your tracker.'),
-        (args.torchscript, '--torchscript was removed from timm 1.x training; use --torchcompile.'),
         (args.grad_accum_steps < 1, '--grad-accum-steps must be at least 1.'),
         (args.batch_size < 1, '--batch-size must be at least 1.'),
         (args.epochs < 1, '--epochs must be at least 1.'),

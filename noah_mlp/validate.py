@@ -19,9 +19,10 @@ from timm.utils import ParseKwargs
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import amp_autocast, create_model_checked, resolve_device, setup_logging
-from .config import ArgumentParser
+from .config import ArgumentParser, HelpFormatter
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .train_args import prog_name, refused_in_use
 from .train import evaluate
 
 __all__ = ['build_parser', 'main', 'validate']
@@ -29,40 +30,99 @@ __all__ = ['build_parser', 'main', 'validate']
 _logger = logging.getLogger('noah_mlp.validate')
 
 
+# dest -> why this script does not do what timm validate.py's flag does
+REFUSED: Dict[str, str] = {
+    'num_gpu': 'DataParallel over several GPUs is not used; evaluate on one device (or use train.py with torchrun)',
+    'test_pool': 'test-time pooling resizes CNN pooling windows; MLP-Mixer token mixing fixes the token count',
+    'tf_preprocessing': 'the TensorFlow preprocessing pipeline needs TensorFlow and is not implemented',
+    'fuser': 'TorchScript fusers are obsolete in PyTorch 2; use --torchcompile',
+    'torchscript': 'use --torchcompile',
+    'aot_autograd': "functorch's memory-efficient fusion is gone from PyTorch 2; use --torchcompile",
+    'retry': 'one evaluation per run: on out-of-memory lower -b yourself',
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog='validate.py', description='Evaluate timm / NOAH image classifiers (timm validate.py flags).',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog_name('validate.py'),
+                       description='Evaluate timm / NOAH image classifiers with timm validate.py flags. '
+                                   'Every timm 1.0 flag is accepted; the few this script refuses say why.',
+                       formatter_class=HelpFormatter, usage='%(prog)s [DIR] --model NAME [--checkpoint PATH] [options]')
     p.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder with val/ or validation/)')
-    p.add_argument('--data-dir', metavar='DIR', default=None)
+    p.add_argument('--data-dir', metavar='DIR', default=None, help='dataset root (instead of the positional DIR)')
     p.add_argument('--dataset', metavar='NAME', default='', help='timm dataset spec (empty: ImageFolder)')
-    p.add_argument('--split', metavar='NAME', default='validation')
-    p.add_argument('--class-map', default='', metavar='FILE')
-    p.add_argument('--model', '-m', default='', metavar='NAME')
-    p.add_argument('--checkpoint', default='', metavar='PATH')
-    p.add_argument('--pretrained', action='store_true', default=False)
-    p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
-    p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint, else the model')
-    p.add_argument('--gp', default=None)
+    p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (val/ and validation/ both match)')
+    p.add_argument('--num-samples', type=int, default=None, metavar='N',
+                   help='images in the split, for iterable (wds/tfds/hfids) datasets')
+    p.add_argument('--dataset-download', action='store_true', default=False,
+                   help='let torch/ and tfds/ datasets download themselves')
+    p.add_argument('--class-map', default='', metavar='FILE', help='file mapping class names to indices')
+    p.add_argument('--input-key', default=None, metavar='KEY', help='image field of hfds/hfids/wds datasets')
+    p.add_argument('--input-img-mode', default='RGB', metavar='MODE', help='PIL mode images are converted to')
+    p.add_argument('--target-key', default=None, metavar='KEY', help='label field of hfds/hfids/wds datasets')
+    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help="let a Hugging Face dataset run its repository's loading code")
+    p.add_argument('--model', '-m', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
+    p.add_argument('--checkpoint', default='', metavar='PATH',
+                   help="weights to evaluate: the file's state_dict (its EMA weights with --use-ema)")
+    p.add_argument('--pretrained', action='store_true', default=False,
+                   help="evaluate the model's pretrained weights (its pretrained_cfg)")
+    p.add_argument('--use-ema', action='store_true', default=False,
+                   help="evaluate the checkpoint's EMA weights (an error if it has none)")
+    p.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: from the checkpoint, else the model')
+    p.add_argument('--gp', default=None, metavar='POOL', help='global pool type (timm models that have one)')
     p.add_argument('--img-size', default=None, type=int, metavar='N', help='evaluate (and build the model) at N px')
-    p.add_argument('--in-chans', type=int, default=None)
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
-    p.add_argument('--crop-pct', default=None, type=float, metavar='PCT')
-    p.add_argument('--crop-mode', default=None, type=str)
-    p.add_argument('--mean', type=float, nargs='+', default=None)
-    p.add_argument('--std', type=float, nargs='+', default=None)
-    p.add_argument('--interpolation', default='', type=str)
-    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
-    p.add_argument('-j', '--workers', default=4, type=int, metavar='N')
-    p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE')
-    p.add_argument('--device', default='auto')
-    p.add_argument('--amp', action='store_true', default=False)
-    p.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'])
-    p.add_argument('--channels-last', action='store_true', default=False)
-    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
-    p.add_argument('--no-prefetcher', action='store_true', default=False)
-    p.add_argument('--pin-mem', action='store_true', default=False)
-    p.add_argument('--log-freq', default=10, type=int)
-    p.add_argument('--results-file', default='', metavar='FILE', help='write the results as JSON')
+    p.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default 3)')
+    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                   help='channels, height, width (e.g. 3 224 224); overrides --img-size')
+    p.add_argument('--use-train-size', action='store_true', default=False,
+                   help="use the model's training input size even where its config names a test size")
+    p.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='centre-crop ratio (NOAH release: 0.9)')
+    p.add_argument('--crop-mode', default=None, type=str, metavar='MODE', help='center, squash or border')
+    p.add_argument('--crop-border-pixels', type=int, default=None, metavar='N', help='crop N pixels off every border first')
+    p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='normalisation mean per channel')
+    p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std per channel')
+    p.add_argument('--interpolation', default='', type=str, metavar='NAME', help="resize interpolation (default: the model's)")
+    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size')
+    p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data-loader processes')
+    p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE',
+                   help="model arguments (default: the checkpoint's training arguments)")
+    p.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
+    p.add_argument('--device-modules', default=None, nargs='+', metavar='MODULE',
+                   help='Python modules to import first (out-of-tree device backends)')
+    p.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    p.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
+                   help='AMP dtype (default: float16 on CUDA, bfloat16 on CPU)')
+    p.add_argument('--model-dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
+                   help='cast the model (and inputs) to this dtype, no AMP; float32 when not given')
+    p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+    p.add_argument('--fast-norm', action='store_true', default=False,
+                   help="timm's experimental fast LayerNorm / GroupNorm paths (set_fast_norm)")
+    p.add_argument('--reparam', action='store_true', default=False,
+                   help="fold re-parameterisable blocks (timm's reparameterize_model; no change for MLP models)")
+    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                   help='torch.compile the model with this backend (inductor when given alone)')
+    p.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE', help='torch.compile mode')
+    p.add_argument('--no-prefetcher', action='store_true', default=False, help="no timm prefetcher (normalise on the host)")
+    p.add_argument('--pin-mem', action='store_true', default=False, help='pin host memory in the data loader')
+    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='log every N batches')
+    p.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (a model without weights starts from it)')
+    p.add_argument('--results-file', default='', metavar='FILE', help='write the results to FILE')
+    p.add_argument('--results-format', default='json', choices=['json', 'csv'],
+                   help='--results-file format (timm writes csv by default; json is kept here for existing users)')
+    p.add_argument('--real-labels', default='', metavar='FILE',
+                   help='ImageNet "ReaL" labels JSON: also report top-1/top-5 against them (real_top1, real_top5)')
+    p.add_argument('--valid-labels', default='', metavar='FILE',
+                   help='text file of class indices (one per line): score only those logits, for datasets '
+                        'labelled with a subset of the classes (ImageNet-A/R)')
+    for names, dest, kwargs in (
+            (('--num-gpu',), 'num_gpu', dict(type=int, default=1, metavar='N')),
+            (('--test-pool',), 'test_pool', dict(action='store_true', default=False)),
+            (('--tf-preprocessing',), 'tf_preprocessing', dict(action='store_true', default=False)),
+            (('--fuser',), 'fuser', dict(default='', metavar='NAME')),
+            (('--torchscript',), 'torchscript', dict(action='store_true', default=False)),
+            (('--aot-autograd',), 'aot_autograd', dict(action='store_true', default=False)),
+            (('--retry',), 'retry', dict(action='store_true', default=False))):
+        p.add_argument(*names, dest=dest, help=f'not supported: {REFUSED[dest]}', **kwargs)
     return p
 
 
