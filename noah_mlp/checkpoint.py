@@ -192,7 +192,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._recovery_meta = None
 
     def _save(self, save_path, epoch, metric=None):
-        # timm's training-checkpoint layout (see NOAH.md), written atomically
+        # timm's training-checkpoint layout (see docs/checkpoints.md), written atomically
         state = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
