@@ -2,20 +2,24 @@
 
     python validate.py DATA --model noah_gmlp_ti16_224 --checkpoint model_best.pth.tar --crop-pct 0.9
 
-Reports top-1, top-5 and the loss; ``--results-file`` writes them as JSON. Checkpoints may be this
+Reports top-1, top-5 and the loss; ``--results-file`` writes them as JSON or CSV (``--results-format``). Checkpoints may be this
 project's (their training arguments fill in --num-classes, --img-size and --model-kwargs),
 upstream timm-format training checkpoints, or bare state dicts; none is unpickled unsafely.
 """
 import argparse
+import csv
+import importlib
+import io
 import json
 import logging
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from timm.data import create_loader, resolve_data_config
-from timm.utils import ParseKwargs
+from timm.data import RealLabelsImagenet, create_loader, resolve_data_config
+from timm.layers import set_fast_norm
+from timm.utils import ParseKwargs, random_seed, reparameterize_model
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import amp_autocast, create_model_checked, resolve_device, setup_logging
@@ -133,15 +137,8 @@ def _arch_from_checkpoint(ckpt: Any) -> Dict[str, Any]:
     return {}
 
 
-def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    setup_logging(True)
-    data_dir = args.data or args.data_dir
-    if not args.model:
-        raise UserError('no model given: pass --model NAME.')
-
-    ckpt = safe_load(args.checkpoint) if args.checkpoint else None
-    train_args = _arch_from_checkpoint(ckpt)
+def _model_kwargs(args: argparse.Namespace, train_args: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[int]]:
+    """create_model arguments: the command line, else the checkpoint's training arguments (same model only)."""
     if train_args.get('model') and train_args['model'] != args.model:
         _logger.warning(f"note: the checkpoint was trained as {train_args['model']}, evaluating as {args.model}.")
     same_arch = train_args.get('model') == args.model
@@ -158,32 +155,146 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if img_size is not None:
         kwargs['img_size'] = img_size
     kwargs.update(model_kwargs)
+    return kwargs, img_size
 
+
+def _load_checkpoint_weights(model: torch.nn.Module, ckpt: Any, args: argparse.Namespace) -> None:
+    """The file's state_dict, or with --use-ema its EMA weights (refused when it has none)."""
+    has_ema = isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema'))
+    if args.use_ema and not has_ema:
+        raise UserError(f"--use-ema: '{args.checkpoint}' holds no EMA weights (no state_dict_ema); "
+                        f"leave out --use-ema to evaluate its weights.")
+    sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
+    check_compatible(model, sd, args.checkpoint, args.model)
+    model.load_state_dict(sd)
+    _logger.info(f"Loaded {'the EMA weights (state_dict_ema)' if args.use_ema else 'the weights'} "
+                 f"of '{args.checkpoint}'.")
+
+
+class _ValidLabels(torch.nn.Module):
+    """Scores only the listed classes (timm's --valid-labels): label i of the dataset is class valid[i]."""
+
+    def __init__(self, model: torch.nn.Module, valid: List[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer('valid', torch.tensor(valid, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.valid]
+
+
+class _RecordReal(torch.nn.Module):
+    """Passes the logits on and scores each batch against the ImageNet ReaL labels, in dataset order."""
+
+    def __init__(self, model: torch.nn.Module, real: RealLabelsImagenet) -> None:
+        super().__init__()
+        self.model, self.real = model, real
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        self.real.add_result(out.float())
+        return out
+
+
+def _read_valid_labels(path: str, num_classes: int) -> List[int]:
+    try:
+        with open(path) as f:
+            valid = [int(line) for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read --valid-labels '{path}': {e.strerror}.") from None
+    except ValueError:
+        raise UserError(f"--valid-labels '{path}' must hold one class index per line.") from None
+    bad = [i for i in valid if not 0 <= i < num_classes]
+    if not valid or bad:
+        raise UserError(f"--valid-labels '{path}': indices must lie in [0, {num_classes}), got {bad[:5] or 'none'}.")
+    return valid
+
+
+def _real_labels(dataset, path: str) -> RealLabelsImagenet:
+    filenames = dataset.filenames(basename=True) if hasattr(dataset, 'filenames') else None
+    if not filenames:
+        raise UserError('--real-labels needs a folder dataset whose file names are the ImageNet validation names.')
+    try:
+        with open(path) as f:
+            entries = len(json.load(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --real-labels '{path}': {e}.") from None
+    if entries != len(filenames):
+        raise UserError(f"--real-labels '{path}' has {entries} entries but the split has {len(filenames)} images.")
+    try:
+        return RealLabelsImagenet(filenames, real_json=path)
+    except KeyError as e:
+        raise UserError(f'--real-labels: image {e} is not an ImageNet validation file name '
+                        f'(ILSVRC2012_val_NNNNNNNN.JPEG).') from None
+
+
+def _write_results(results: Dict[str, Any], path: str, fmt: str) -> None:
+    if fmt == 'csv':
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(results))
+        writer.writeheader()
+        writer.writerow(results)
+        atomic_write_text(buf.getvalue(), path)
+    else:
+        atomic_write_text(json.dumps(results, indent=2) + '\n', path)
+    _logger.info(f'Results written to {path}')
+
+
+def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for message in refused_in_use(build_parser(), args, REFUSED):
+        raise UserError(message)
+    setup_logging(True)
+    for module in args.device_modules or []:
+        importlib.import_module(module)
+    random_seed(args.seed)
+    if args.fast_norm:
+        set_fast_norm()
+    data_dir = args.data or args.data_dir
+    if not args.model:
+        raise UserError('no model given: pass --model NAME.')
+
+    ckpt = safe_load(args.checkpoint) if args.checkpoint else None
+    kwargs, img_size = _model_kwargs(args, _arch_from_checkpoint(ckpt))
     device = torch.device(resolve_device(args.device))
-    dataset = build_dataset(args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map)
+    dataset = build_dataset(
+        args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map,
+        input_img_mode=args.input_img_mode, download=args.dataset_download, num_samples=args.num_samples,
+        trust_remote_code=args.dataset_trust_remote_code,
+        **{k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None})
 
     model = create_model_checked(args.model, **kwargs)
     if ckpt is not None:
-        sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
-        if args.use_ema and not (isinstance(ckpt, dict) and ('state_dict_ema' in ckpt or 'model_ema' in ckpt)):
-            _logger.warning('note: --use-ema given but the checkpoint has no EMA weights; using its weights.')
-        check_compatible(model, sd, args.checkpoint, args.model)
-        model.load_state_dict(sd)
-        _logger.info(f"Loaded {'EMA ' if args.use_ema else ''}weights from '{args.checkpoint}'.")
+        _load_checkpoint_weights(model, ckpt, args)
+    if args.reparam:
+        model = reparameterize_model(model)
     n_cls = getattr(model, 'num_classes', None)
+    valid = _read_valid_labels(args.valid_labels, n_cls) if args.valid_labels else None
     labels = class_names(dataset)
-    if labels and n_cls and len(labels) > n_cls:
-        raise UserError(f'the dataset has {len(labels)} classes but the model predicts {n_cls}: '
+    scored = len(valid) if valid else n_cls
+    if labels and scored and len(labels) > scored:
+        raise UserError(f'the dataset has {len(labels)} classes but the model predicts {scored}: '
                         f'pass --num-classes or a matching checkpoint.')
 
     data_cfg_args = dict(vars(args))
     if img_size is not None:
         data_cfg_args['img_size'] = img_size
-    data_config = resolve_data_config(data_cfg_args, model=model, use_test_size=True, verbose=False)
-    model.to(device).eval()
+    data_config = resolve_data_config(data_cfg_args, model=model, use_test_size=not args.use_train_size, verbose=False)
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    if model_dtype not in (None, torch.float32) and args.amp:
+        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
+    model.to(device=device, dtype=model_dtype).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    run_model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+    run_model = model
+    if valid:
+        run_model = _ValidLabels(run_model, valid).to(device)
+    real = _real_labels(dataset, args.real_labels) if args.real_labels else None
+    if args.torchcompile:
+        run_model = torch.compile(run_model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    if real is not None:
+        run_model = _RecordReal(run_model, real)
     amp_dtype = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
     autocast = amp_autocast(device, args.amp, amp_dtype)
     workers = max(0, args.workers)
@@ -191,11 +302,11 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         num_workers=workers, crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'],
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=False)
+        crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem, device=device,
+        img_dtype=model_dtype or torch.float32, use_prefetcher=not args.no_prefetcher, persistent_workers=False)
     t0 = time.time()
-    metrics = evaluate(run_model, loader, args, device, autocast, False, 0, 1, len(dataset), args.no_prefetcher,
-                       args.channels_last)
+    metrics = evaluate(run_model, _cast_inputs(loader, model_dtype) if args.no_prefetcher else loader, args, device,
+                       autocast, False, 0, 1, len(dataset), args.no_prefetcher, args.channels_last)
     elapsed = time.time() - t0
     results = dict(
         model=args.model, checkpoint=args.checkpoint or None, top1=round(metrics['top1'], 4),
@@ -204,13 +315,23 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'], use_ema=args.use_ema, amp=args.amp)
+    if real is not None:
+        results.update(real_top1=round(real.get_accuracy(1), 4), real_top5=round(real.get_accuracy(5), 4))
     _logger.info(f"* {args.model}: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  "
                  f"loss {results['loss']:.4f}  ({results['images']} images, {elapsed:.1f} s, "
                  f"{results['img_size']} px, crop {results['crop_pct']})")
+    if real is not None:
+        _logger.info(f"* ReaL labels: top-1 {results['real_top1']:.2f}%  top-5 {results['real_top5']:.2f}%")
     if args.results_file:
-        atomic_write_text(json.dumps(results, indent=2) + '\n', args.results_file)
-        _logger.info(f'Results written to {args.results_file}')
+        _write_results(results, args.results_file, args.results_format)
     return results
+
+
+def _cast_inputs(loader, dtype: Optional[torch.dtype]):
+    """Without the prefetcher, images arrive as float32: cast them to --model-dtype."""
+    if dtype is None:
+        return loader
+    return ((x.to(dtype), y) for x, y in loader)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
