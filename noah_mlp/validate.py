@@ -210,7 +210,7 @@ def _read_valid_labels(path: str, num_classes: int) -> List[int]:
     return valid
 
 
-def _real_labels(dataset, path: str) -> RealLabelsImagenet:
+def _real_labels(dataset, path: str, num_classes: int) -> RealLabelsImagenet:
     filenames = dataset.filenames(basename=True) if hasattr(dataset, 'filenames') else None
     if not filenames:
         raise UserError('--real-labels needs a folder dataset whose file names are the ImageNet validation names.')
@@ -222,7 +222,7 @@ def _real_labels(dataset, path: str) -> RealLabelsImagenet:
     if entries != len(filenames):
         raise UserError(f"--real-labels '{path}' has {entries} entries but the split has {len(filenames)} images.")
     try:
-        return RealLabelsImagenet(filenames, real_json=path)
+        return RealLabelsImagenet(filenames, real_json=path, topk=(1, min(5, num_classes)))
     except KeyError as e:
         raise UserError(f'--real-labels: image {e} is not an ImageNet validation file name '
                         f'(ILSVRC2012_val_NNNNNNNN.JPEG).') from None
@@ -290,7 +290,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     run_model = model
     if valid:
         run_model = _ValidLabels(run_model, valid).to(device)
-    real = _real_labels(dataset, args.real_labels) if args.real_labels else None
+    real = _real_labels(dataset, args.real_labels, scored) if args.real_labels else None
     if args.torchcompile:
         run_model = torch.compile(run_model, backend=args.torchcompile, mode=args.torchcompile_mode)
     if real is not None:
@@ -316,7 +316,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'], use_ema=args.use_ema, amp=args.amp)
     if real is not None:
-        results.update(real_top1=round(real.get_accuracy(1), 4), real_top5=round(real.get_accuracy(5), 4))
+        results.update(real_top1=round(real.get_accuracy(1), 4), real_top5=round(real.get_accuracy(real.topk[-1]), 4))
     _logger.info(f"* {args.model}: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  "
                  f"loss {results['loss']:.4f}  ({results['images']} images, {elapsed:.1f} s, "
                  f"{results['img_size']} px, crop {results['crop_pct']})")
