@@ -13,12 +13,14 @@ The maps are computed from the head's own parameters on the model's own final to
 
     logits[b, k] = sum_n sum_{h,w} maps[b, n, k, h, w] * values[b, n, k, h, w]
 """
-from typing import NamedTuple, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .adapt import NoahAdapted
 from .head import NoahHead
+from .sharing import model_input_size
 
 __all__ = ['NoahAttention', 'attention_maps', 'noah_attention', 'noah_head_of', 'token_grid']
 
@@ -43,22 +45,26 @@ class NoahAttention(NamedTuple):
 
 
 def noah_head_of(model: nn.Module) -> NoahHead:
-    """The NoahHead of a NOAH model, or a TypeError saying why `model` is not one."""
-    head = getattr(model, 'head', None)
+    """The NoahHead of a NOAH model (registered or made by `add_noah_head`), or a TypeError saying why not."""
+    adapted = isinstance(model, NoahAdapted)
+    head = model.noah_head if adapted else getattr(model, 'head', None)
     if not isinstance(head, NoahHead):
         kind = type(head).__name__ if head is not None else 'no `head`'
         raise TypeError(
             f'{type(model).__name__} is not a NOAH model: its head is {kind}, not a NoahHead '
-            f"(create one with timm.create_model('noah_...') after `import noah_mlp`; "
+            f"(create one with timm.create_model('noah_...') after `import noah_mlp`, or noah_mlp.add_noah_head; "
             f'a model made with num_classes=0 has no head and no attention maps).')
-    for attr in ('forward_features', 'stem'):
+    for attr in ('forward_features',) if adapted else ('forward_features', 'stem'):
         if not hasattr(model, attr):
             raise TypeError(f'{type(model).__name__} has a NoahHead but no `{attr}`: expected a NoahMlpMixer.')
     return head
 
 
-def token_grid(model: nn.Module) -> Tuple[int, int]:
-    """(H', W'): the patch grid the model's tokens come from (H' * W' = number of tokens)."""
+def token_grid(model: nn.Module, image_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(H', W'): the grid the model's tokens come from (H' * W' = number of tokens) for images of
+    `image_size` (default: the size the model was built / configured for)."""
+    if isinstance(model, NoahAdapted):
+        return model.noah_token_grid(image_size or model_input_size(model)[1:])
     grid = getattr(model.stem, 'grid_size', None)
     if grid is None:
         raise TypeError(f'{type(model).__name__}.stem has no grid_size: cannot lay the tokens out as an image.')
@@ -72,12 +78,12 @@ def _check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ValueError(f'images must be a batch (B, C, H, W), got shape {tuple(images.shape)}.')
     if images.shape[0] == 0:
         raise ValueError('images is an empty batch.')
-    stem = model.stem
+    stem = getattr(model, 'stem', None) or getattr(model, 'patch_embed', None)
     proj = getattr(stem, 'proj', None)
     in_chans = getattr(proj, 'in_channels', None)
     if in_chans is not None and images.shape[1] != in_chans:
         raise ValueError(f'images have {images.shape[1]} channels, the model was built for {in_chans}.')
-    img_size = getattr(stem, 'img_size', None)
+    img_size = getattr(stem, 'img_size', None) if getattr(stem, 'strict_img_size', True) else None
     if img_size is not None and tuple(images.shape[-2:]) != tuple(img_size):
         raise ValueError(
             f'images are {images.shape[-2]}x{images.shape[-1]} but the model was built for '
@@ -130,6 +136,21 @@ class _EvalMode:
             module.training = flag
 
 
+def _tokens_and_logits(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int], torch.Tensor]:
+    """The final tokens (B, L, C) the head attends over, their grid and the logits."""
+    features = model.forward_features(images)
+    logits = model.forward_head(features)  # dropout is identity in eval
+    if isinstance(model, NoahAdapted):
+        tokens, grid = model.forward_noah_tokens(features)
+        grid = grid or token_grid(model, tuple(images.shape[-2:]))
+    else:
+        tokens, grid = features, token_grid(model)  # NoahMlpMixer: final-normed tokens
+    if tokens.ndim != 3 or tokens.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f'the model gave tokens of shape {tuple(tokens.shape)}, expected (B, {grid[0] * grid[1]}, C).')
+    return tokens, grid, logits
+
+
 @torch.no_grad()
 def noah_attention(
         model: nn.Module,
@@ -151,16 +172,10 @@ def noah_attention(
     """
     head = noah_head_of(model)
     _check_images(model, images)
-    gh, gw = token_grid(model)
     B = images.shape[0]
     K, N = head.num_classes, head.num_heads
     with _EvalMode(model):
-        tokens = model.forward_features(images)  # (B, L, C), final norm applied
-        if tokens.ndim != 3 or tokens.shape[1] != gh * gw:
-            raise ValueError(
-                f'forward_features gave tokens of shape {tuple(tokens.shape)}, expected (B, {gh * gw}, C).')
-        # model.forward_head: head_drop (identity in eval) then the NOAH head
-        logits = model.forward_head(tokens)
+        tokens, (gh, gw), logits = _tokens_and_logits(model, images)
         if classes is None:
             if not 1 <= topk <= K:
                 raise ValueError(f'topk must lie in [1, {K}], got {topk}.')

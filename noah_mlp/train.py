@@ -25,7 +25,8 @@ import time
 from collections import OrderedDict
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -209,99 +210,177 @@ def _read_summary(path: str, before_epoch: int) -> List[Dict[str, Any]]:
         return [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit() and int(r['epoch']) < before_epoch]
 
 
+# --------------------------------------------------------------------------------------------- the run's state
+@dataclass
+class TrainRun:
+    """What one training run carries from stage to stage; each stage fills in its part.
+
+    The stages, in order (``_train``): set up the run (arguments, device, processes), build the
+    datasets, build the model, build the loaders (with mixup and the loss), build the optimisation
+    (optimizer, resume, EMA, scheduler), prepare the output folder, run the epochs, finish.
+    """
+    argv: List[str]
+    stop: StopRequest
+    args: argparse.Namespace
+    device: torch.device
+    distributed: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    # data
+    dataset_train: Any = None
+    dataset_eval: Any = None
+    labels: Optional[List[str]] = None
+    loader_train: Any = None
+    loader_eval: Any = None
+    mixup_fn: Optional[Mixup] = None
+    train_loss_fn: Optional[nn.Module] = None
+    # model
+    model: Optional[nn.Module] = None  # the bare model: what checkpoints and evaluation see
+    train_model: Optional[nn.Module] = None  # the model as trained: wrapped by DDP / torch.compile
+    model_ema: Optional[ModelEmaV3] = None
+    data_config: Dict[str, Any] = field(default_factory=dict)
+    autocast: Callable = contextlib.nullcontext
+    loss_scaler: Optional[NativeScaler] = None
+    # optimisation
+    optimizer: Optional[torch.optim.Optimizer] = None
+    lr_scheduler: Any = None
+    num_epochs: int = 0
+    updates_per_epoch: int = 0
+    start_epoch: int = 0
+    num_updates: int = 0
+    resume_ckpt: Optional[Dict[str, Any]] = None
+    # output (rank 0 only)
+    output_dir: str = ''
+    saver: Optional[AtomicCheckpointSaver] = None
+    summary_rows: List[Dict[str, Any]] = field(default_factory=list)
+    summary_fields: List[str] = field(default_factory=list)
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.output_dir, 'summary.csv')
+
+
 # --------------------------------------------------------------------------------------------- loops
-def train_one_epoch(
-        epoch, model, loader, optimizer, loss_fn, args, device, autocast, loss_scaler, lr_scheduler,
-        model_ema, mixup_fn, stop, saver, distributed, primary, num_updates_start, updates_per_epoch, world_size,
-):
+def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
+    """One epoch of training steps; advances ``run.num_updates``. Raises Stopped after SIGTERM / SIGINT."""
+    args, model, loader = run.args, run.train_model, run.loader_train
     model.train()
     accum = args.grad_accum_steps
     total = len(loader)
     last_accum = total - total % accum if total % accum else total - accum
-    num_updates = num_updates_start
     loss_sum, loss_count = 0., 0
-    t_start = time.time()
-    t_log, samples_log = t_start, 0
-    optimizer.zero_grad()
+    meter = _StepMeter(time.time())
+    run.optimizer.zero_grad()
     for step, (input, target) in enumerate(loader):
         last = step == total - 1
         need_update = last or (step + 1) % accum == 0
         update_accum = (total - last_accum) if step >= last_accum else accum
         if args.no_prefetcher:
-            input, target = input.to(device), target.to(device)
-            if mixup_fn is not None:
-                input, target = mixup_fn(input, target)
+            input, target = input.to(run.device), target.to(run.device)
+            if run.mixup_fn is not None:
+                input, target = run.mixup_fn(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        sync_ctx = model.no_sync if (distributed and not need_update and hasattr(model, 'no_sync')) else None
-        if sync_ctx is not None:
-            with sync_ctx():
-                with autocast():
-                    loss = loss_fn(model(input), target)
-        else:
-            with autocast():
-                loss = loss_fn(model(input), target)
-
-        # One small all-reduce and one host sync per step: non-finite loss anywhere, stop requested
-        # anywhere, summed loss (built on the device, read back once).
-        loss_value = loss.detach().double()
-        finite = torch.isfinite(loss_value)
-        flags = torch.stack([
-            (~finite).double(), loss_value.new_tensor(1. if stop.requested else 0.),
-            torch.where(finite, loss_value, torch.zeros_like(loss_value))])
-        _all_reduce_sum(flags, distributed)
-        non_finite_any, stop_any, loss_total = flags.tolist()
-        if non_finite_any > 0:
-            last_ckpt = os.path.join(saver.checkpoint_dir, 'last.pth.tar') if saver is not None else ''
-            good = f'the last good checkpoint is {last_ckpt}' if last_ckpt and os.path.isfile(last_ckpt) \
-                else 'no checkpoint was written yet'
-            raise UserError(
-                f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; {good}. '
-                f'Try a lower --lr, --clip-grad, or no --amp.')
-        step_loss = loss_total / world_size
+        # without an update, DDP's no_sync keeps the gradients local (accumulation)
+        no_sync = run.distributed and not need_update and hasattr(model, 'no_sync')
+        sync_ctx = model.no_sync if no_sync else contextlib.nullcontext
+        with sync_ctx():
+            with run.autocast():
+                loss = run.train_loss_fn(model(input), target)
+        step_loss, stop_any = _reduce_step_flags(run, loss, epoch, step, total)
         loss_sum += step_loss
         loss_count += 1
-
-        scaled = loss / update_accum
-        # without an update, DDP's no_sync keeps the gradients local (accumulation)
-        with (sync_ctx() if sync_ctx is not None else contextlib.nullcontext()):
-            if loss_scaler is not None:
-                loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=need_update)
-            else:
-                scaled.backward()
-                if need_update:
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+        with sync_ctx():
+            _backward(run, loss / update_accum, need_update)
         if need_update:
-            optimizer.zero_grad()
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(unwrap_model(model), step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
+            _after_update(run)
 
-        samples_log += input.shape[0] * world_size
-        if primary and ((step + 1) % args.log_interval == 0 or last):
-            now = time.time()
-            rate = samples_log / max(now - t_log, 1e-9)
-            per_step = (now - t_start) / (step + 1)
-            eta = per_step * (total - step - 1) + per_step * total * (args.epochs - epoch - 1)
-            lr = optimizer.param_groups[0]['lr']
-            _logger.info(
-                f'Train: epoch {epoch} [{step + 1:>{len(str(total))}}/{total} ({100. * (step + 1) / total:3.0f}%)]  '
-                f'loss {step_loss:.4f} (avg {loss_sum / loss_count:.4f})  lr {lr:.3e}  {rate:.1f} img/s  '
-                f'ETA {_fmt_eta(eta)}')
-            t_log, samples_log = now, 0
+        meter.samples += input.shape[0] * run.world_size
+        if run.primary and ((step + 1) % args.log_interval == 0 or last):
+            _log_train_step(run, meter, epoch, step, total, step_loss, loss_sum / loss_count)
 
         if need_update and stop_any > 0:
-            raise Stopped(stop.signum or signal.SIGTERM, epoch, step)
-        if (need_update and args.recovery_interval and saver is not None
+            raise Stopped(run.stop.signum or signal.SIGTERM, epoch, step)
+        if (need_update and args.recovery_interval and run.saver is not None
                 and (step + 1) % args.recovery_interval == 0 and not last):
-            saver.save_recovery(epoch, batch_idx=step)
-    return OrderedDict(loss=loss_sum / max(loss_count, 1)), num_updates
+            run.saver.save_recovery(epoch, batch_idx=step)
+    return OrderedDict(loss=loss_sum / max(loss_count, 1))
+
+
+@dataclass
+class _StepMeter:
+    """Timing of the training log lines: start of the epoch, last log line, samples since then."""
+    start: float
+    last: float = 0.
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        self.last = self.start
+
+
+def _reduce_step_flags(run: TrainRun, loss: torch.Tensor, epoch: int, step: int, total: int):
+    """One small all-reduce and one host sync per step: non-finite loss anywhere, stop requested
+    anywhere, summed loss (built on the device, read back once). Returns (mean loss, stop flag)."""
+    loss_value = loss.detach().double()
+    finite = torch.isfinite(loss_value)
+    flags = torch.stack([
+        (~finite).double(), loss_value.new_tensor(1. if run.stop.requested else 0.),
+        torch.where(finite, loss_value, torch.zeros_like(loss_value))])
+    _all_reduce_sum(flags, run.distributed)
+    non_finite_any, stop_any, loss_total = flags.tolist()
+    if non_finite_any > 0:
+        saver = run.saver
+        last_ckpt = os.path.join(saver.checkpoint_dir, 'last.pth.tar') if saver is not None else ''
+        good = f'the last good checkpoint is {last_ckpt}' if last_ckpt and os.path.isfile(last_ckpt) \
+            else 'no checkpoint was written yet'
+        raise UserError(
+            f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; {good}. '
+            f'Try a lower --lr, --clip-grad, or no --amp.')
+    return loss_total / run.world_size, stop_any
+
+
+def _backward(run: TrainRun, scaled_loss: torch.Tensor, need_update: bool) -> None:
+    args, model, optimizer = run.args, run.train_model, run.optimizer
+    if run.loss_scaler is not None:
+        run.loss_scaler(scaled_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=model.parameters(), need_update=need_update)
+        return
+    scaled_loss.backward()
+    if need_update:
+        if args.clip_grad is not None:
+            dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
+
+
+def _after_update(run: TrainRun) -> None:
+    run.optimizer.zero_grad()
+    run.num_updates += 1  # before a recovery checkpoint of this step records it
+    if run.model_ema is not None:
+        run.model_ema.update(unwrap_model(run.train_model), step=run.num_updates)
+    if run.lr_scheduler is not None:
+        run.lr_scheduler.step_update(num_updates=run.num_updates)
+
+
+def _log_train_step(run: TrainRun, meter: _StepMeter, epoch: int, step: int, total: int, step_loss: float,
+                    avg_loss: float) -> None:
+    now = time.time()
+    rate = meter.samples / max(now - meter.last, 1e-9)
+    per_step = (now - meter.start) / (step + 1)
+    eta = per_step * (total - step - 1) + per_step * total * (run.args.epochs - epoch - 1)
+    lr = run.optimizer.param_groups[0]['lr']
+    _logger.info(
+        f'Train: epoch {epoch} [{step + 1:>{len(str(total))}}/{total} ({100. * (step + 1) / total:3.0f}%)]  '
+        f'loss {step_loss:.4f} (avg {avg_loss:.4f})  lr {lr:.3e}  {rate:.1f} img/s  '
+        f'ETA {_fmt_eta(eta)}')
+    meter.last, meter.samples = now, 0
 
 
 @torch.no_grad()
@@ -372,24 +451,27 @@ def train(argv: Optional[List[str]] = None) -> int:
         stop.restore()
 
 
-def _train(argv: List[str], stop: StopRequest) -> int:
+# --------------------------------------------------------------------------------------------- stages
+def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
+    """Arguments, device, process group, logging and seeding."""
     parser = build_parser()
     args, notes = parse_args_with_config(parser, argv)
     _check_args(args)
 
     device_name = resolve_device(args.device)
     dist_info = init_distributed_device_so(device=device_name, dist_backend=args.dist_backend)
-    device = torch.device(dist_info['device'])
-    distributed, rank, world_size = dist_info['distributed'], dist_info['global_rank'], dist_info['world_size']
-    local_rank = dist_info['local_rank']
-    args.device, args.distributed, args.rank, args.world_size = str(device), distributed, rank, world_size
-    primary = rank == 0
-    setup_logging(primary)
-    if distributed:
-        _logger.info(f'Distributed training: {world_size} processes, backend '
-                     f'{torch.distributed.get_backend()}, device {device.type}.')
+    run = TrainRun(
+        argv=argv, stop=stop, args=args, device=torch.device(dist_info['device']),
+        distributed=dist_info['distributed'], rank=dist_info['global_rank'], local_rank=dist_info['local_rank'],
+        world_size=dist_info['world_size'])
+    args.device, args.distributed, args.rank, args.world_size = (
+        str(run.device), run.distributed, run.rank, run.world_size)
+    setup_logging(run.primary)
+    if run.distributed:
+        _logger.info(f'Distributed training: {run.world_size} processes, backend '
+                     f'{torch.distributed.get_backend()}, device {run.device.type}.')
     else:
-        _logger.info(f'Training in one process on {device}.')
+        _logger.info(f'Training in one process on {run.device}.')
     for n in notes:
         _logger.warning(f'note: {n}')
 
@@ -400,25 +482,33 @@ def _train(argv: List[str], stop: StopRequest) -> int:
     if not args.model:
         raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
 
-    random_seed(args.seed, rank)
+    random_seed(args.seed, run.rank)
+    return run
 
-    # Datasets first: their class count is the default --num-classes, and a bad folder fails before any work.
-    dataset_train = build_dataset(
-        args.dataset, data_dir, args.train_split, is_training=True, class_map=args.class_map,
+
+def _build_datasets(run: TrainRun) -> None:
+    """Datasets first: their class count is the default --num-classes, and a bad folder fails before any work."""
+    args = run.args
+    run.dataset_train = build_dataset(
+        args.dataset, args.data_dir, args.train_split, is_training=True, class_map=args.class_map,
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
         download=args.dataset_download)
-    dataset_eval = build_dataset(
-        args.dataset, data_dir, args.val_split, is_training=False, class_map=args.class_map,
+    run.dataset_eval = build_dataset(
+        args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
         batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download)
-    labels = class_names(dataset_train)
+    run.labels = class_names(run.dataset_train)
     if args.num_classes is None:
-        if not labels:
+        if not run.labels:
             raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
-        args.num_classes = len(labels)
-        _logger.info(f'{len(labels)} classes found in the dataset.')
-    elif labels and len(labels) > args.num_classes:
-        raise UserError(f'the dataset has {len(labels)} classes but --num-classes is {args.num_classes}.')
+        args.num_classes = len(run.labels)
+        _logger.info(f'{len(run.labels)} classes found in the dataset.')
+    elif run.labels and len(run.labels) > args.num_classes:
+        raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
 
+
+def _build_model(run: TrainRun) -> None:
+    """The model (initial weights, data config, gradient checkpointing, device, SyncBN) and AMP."""
+    args = run.args
     model_notes: List[str] = []
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
@@ -430,103 +520,51 @@ def _train(argv: List[str], stop: StopRequest) -> int:
         check_compatible(model, sd, args.initial_checkpoint, args.model)
         model.load_state_dict(sd)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
-    if primary:
+    if run.primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
 
-    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    run.data_config = resolve_data_config(vars(args), model=model, verbose=False)
     if args.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
         model.set_grad_checkpointing(enable=True)
-    model.to(device)
+    model.to(run.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn:
-        if not distributed:
+        if not run.distributed:
             raise UserError('--sync-bn needs a distributed run (several processes).')
-        if device.type != 'cuda':
+        if run.device.type != 'cuda':
             raise UserError('--sync-bn needs CUDA: SyncBatchNorm has no CPU implementation.')
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             _logger.warning(f'note: --sync-bn has no effect, {args.model} has no BatchNorm layers.')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    run.model = run.train_model = model
 
-    # AMP
-    amp_dtype = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+    amp_dtype = args.amp_dtype or ('float16' if run.device.type == 'cuda' else 'bfloat16')
     if args.amp:
         args.amp_dtype = amp_dtype
-    autocast = amp_autocast(device, args.amp, amp_dtype)
-    loss_scaler = NativeScaler(device=device.type) if (args.amp and amp_dtype == 'float16') else None
+    run.autocast = amp_autocast(run.device, args.amp, amp_dtype)
+    run.loss_scaler = NativeScaler(device=run.device.type) if (args.amp and amp_dtype == 'float16') else None
     if args.amp:
-        _logger.info(f'AMP on: {amp_dtype}{" with a loss scaler" if loss_scaler else ""}.')
+        _logger.info(f'AMP on: {amp_dtype}{" with a loss scaler" if run.loss_scaler else ""}.')
 
-    # optimizer
-    args.lr = _lr(args, world_size)
-    opt_cfg = argparse.Namespace(**vars(args))
-    opt_cfg.opt_args = args.opt_kwargs or None
-    try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=opt_cfg))
-    except (ValueError, AssertionError, TypeError) as e:
-        raise UserError(f"cannot create optimizer '{args.opt}': {e}") from None
-    _logger.info(f'Optimizer {args.opt}, lr {args.lr:.3e} (global batch '
-                 f'{args.batch_size * world_size * args.grad_accum_steps}).')
 
-    # resume
-    resume_ckpt, start_epoch = None, 0
-    if args.resume:
-        resume_ckpt = safe_load(args.resume)
-        sd = extract_state_dict(resume_ckpt, use_ema=False, path=args.resume)
-        check_compatible(model, sd, args.resume, args.model)
-        model.load_state_dict(sd)
-        if not isinstance(resume_ckpt, dict) or 'epoch' not in resume_ckpt:
-            raise UserError(f"'{args.resume}' holds weights only, not a training checkpoint: use --initial-checkpoint.")
-        if not args.no_resume_opt and 'optimizer' in resume_ckpt:
-            try:
-                optimizer.load_state_dict(resume_ckpt['optimizer'])
-            except (ValueError, KeyError) as e:
-                raise UserError(f"optimizer state in '{args.resume}' does not fit --opt {args.opt}: {e}") from None
-        if loss_scaler is not None and loss_scaler.state_dict_key in resume_ckpt:
-            loss_scaler.load_state_dict(resume_ckpt[loss_scaler.state_dict_key])
-        mid_epoch = bool(resume_ckpt.get('recovery'))
-        start_epoch = int(resume_ckpt['epoch']) + (0 if mid_epoch else 1)
-        _logger.info(f"Resumed from '{args.resume}' (epoch {resume_ckpt['epoch']}"
-                     f"{', interrupted mid-epoch: that epoch restarts' if mid_epoch else ''}); "
-                     f'continuing at epoch {start_epoch}.')
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(
-            model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-            device='cpu' if args.model_ema_force_cpu else None)
-        if resume_ckpt is not None and 'state_dict_ema' in resume_ckpt:
-            ema_sd = extract_state_dict({'state_dict': resume_ckpt['state_dict_ema']}, path=args.resume)
-            check_compatible(model_ema.module, ema_sd, args.resume, args.model)
-            model_ema.module.load_state_dict(ema_sd)
-            _logger.info('Restored the EMA weights.')
-
-    train_model = model
-    if distributed:
-        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
-        if device.type == 'cuda':
-            ddp_kwargs['device_ids'] = [local_rank]
-        train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    if args.torchcompile:
-        if not hasattr(torch, 'compile'):
-            raise UserError('--torchcompile needs PyTorch 2 or newer.')
-        train_model = torch.compile(train_model, backend=args.torchcompile)
-
-    # data loaders
+def _build_loaders(run: TrainRun) -> None:
+    """Train / eval loaders (timm's create_loader), mixup / cutmix and the training loss."""
+    args, data_config = run.args, run.data_config
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
     if mixup_active and args.batch_size % 2:
         raise UserError(f'mixup / cutmix need an even --batch-size (pairs of images), got {args.batch_size}.')
-    collate_fn, mixup_fn = None, None
+    collate_fn = None
     if mixup_active:
         mixup_args = dict(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
             label_smoothing=args.smoothing, num_classes=args.num_classes)
         if args.no_prefetcher:
-            mixup_fn = Mixup(**mixup_args)
+            run.mixup_fn = Mixup(**mixup_args)
         else:
             collate_fn = FastCollateMixup(**mixup_args)
     train_interpolation = args.train_interpolation
@@ -534,11 +572,11 @@ def _train(argv: List[str], stop: StopRequest) -> int:
         train_interpolation = data_config['interpolation']
     workers = max(0, args.workers)
     common = dict(
-        mean=data_config['mean'], std=data_config['std'], num_workers=workers, distributed=distributed,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        mean=data_config['mean'], std=data_config['std'], num_workers=workers, distributed=run.distributed,
+        pin_memory=args.pin_mem, device=run.device, use_prefetcher=not args.no_prefetcher,
         persistent_workers=workers > 0)
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+    run.loader_train = create_loader(
+        run.dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
         train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
         color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
@@ -547,145 +585,260 @@ def _train(argv: List[str], stop: StopRequest) -> int:
         collate_fn=collate_fn, use_multi_epochs_loader=args.use_multi_epochs_loader,
         worker_seeding=args.worker_seeding, **common)
     eval_batch = args.validation_batch_size or args.batch_size
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=eval_batch, is_training=False,
+    run.loader_eval = create_loader(
+        run.dataset_eval, input_size=data_config['input_size'], batch_size=eval_batch, is_training=False,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
-    _protect_workers(loader_train)
-    _protect_workers(loader_eval)
-    if len(loader_train) == 0:
+    _protect_workers(run.loader_train)
+    _protect_workers(run.loader_eval)
+    if len(run.loader_train) == 0:
         raise UserError(
-            f'the training split has {len(dataset_train)} images, fewer than one batch of {args.batch_size} '
-            f'per process x {world_size} process(es): lower --batch-size.')
+            f'the training split has {len(run.dataset_train)} images, fewer than one batch of {args.batch_size} '
+            f'per process x {run.world_size} process(es): lower --batch-size.')
 
-    # losses
     if mixup_active:
-        train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
             else SoftTargetCrossEntropy()
     elif args.smoothing:
-        train_loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
+        loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
             if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
-        train_loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
             else nn.CrossEntropyLoss()
-    train_loss_fn = train_loss_fn.to(device)
+    run.train_loss_fn = loss_fn.to(run.device)
 
-    # scheduler
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    decreasing = args.eval_metric == 'loss'
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+
+def _build_optimization(run: TrainRun) -> None:
+    """Optimizer, resume, EMA, the model wrapped for training (DDP, torch.compile) and the LR schedule."""
+    _build_optimizer(run)
+    _resume(run)
+    _build_ema(run)
+    _wrap_for_training(run)
+    _build_scheduler(run)
+
+
+def _build_optimizer(run: TrainRun) -> None:
+    args = run.args
+    args.lr = _lr(args, run.world_size)
+    opt_cfg = argparse.Namespace(**vars(args))
+    opt_cfg.opt_args = args.opt_kwargs or None
+    try:
+        run.optimizer = create_optimizer_v2(run.model, **optimizer_kwargs(cfg=opt_cfg))
+    except (ValueError, AssertionError, TypeError) as e:
+        raise UserError(f"cannot create optimizer '{args.opt}': {e}") from None
+    _logger.info(f'Optimizer {args.opt}, lr {args.lr:.3e} (global batch '
+                 f'{args.batch_size * run.world_size * args.grad_accum_steps}).')
+
+
+def _resume(run: TrainRun) -> None:
+    """--resume: model weights, optimizer, loss scaler and the epoch to start at (EMA: `_build_ema`)."""
+    args = run.args
+    if not args.resume:
+        return
+    ckpt = run.resume_ckpt = safe_load(args.resume)
+    sd = extract_state_dict(ckpt, use_ema=False, path=args.resume)
+    check_compatible(run.model, sd, args.resume, args.model)
+    run.model.load_state_dict(sd)
+    if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
+        raise UserError(f"'{args.resume}' holds weights only, not a training checkpoint: use --initial-checkpoint.")
+    if not args.no_resume_opt and 'optimizer' in ckpt:
+        try:
+            run.optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"optimizer state in '{args.resume}' does not fit --opt {args.opt}: {e}") from None
+    if run.loss_scaler is not None and run.loss_scaler.state_dict_key in ckpt:
+        run.loss_scaler.load_state_dict(ckpt[run.loss_scaler.state_dict_key])
+    mid_epoch = bool(ckpt.get('recovery'))
+    run.start_epoch = int(ckpt['epoch']) + (0 if mid_epoch else 1)
+    _logger.info(f"Resumed from '{args.resume}' (epoch {ckpt['epoch']}"
+                 f"{', interrupted mid-epoch: that epoch restarts' if mid_epoch else ''}); "
+                 f'continuing at epoch {run.start_epoch}.')
+
+
+def _build_ema(run: TrainRun) -> None:
+    args = run.args
+    if not args.model_ema:
+        return
+    run.model_ema = ModelEmaV3(
+        run.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+        device='cpu' if args.model_ema_force_cpu else None)
+    if run.resume_ckpt is not None and 'state_dict_ema' in run.resume_ckpt:
+        ema_sd = extract_state_dict({'state_dict': run.resume_ckpt['state_dict_ema']}, path=args.resume)
+        check_compatible(run.model_ema.module, ema_sd, args.resume, args.model)
+        run.model_ema.module.load_state_dict(ema_sd)
+        _logger.info('Restored the EMA weights.')
+
+
+def _wrap_for_training(run: TrainRun) -> None:
+    args = run.args
+    train_model = run.model
+    if run.distributed:
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
+        if run.device.type == 'cuda':
+            ddp_kwargs['device_ids'] = [run.local_rank]
+        train_model = nn.parallel.DistributedDataParallel(train_model, **ddp_kwargs)
+    if args.torchcompile:
+        if not hasattr(torch, 'compile'):
+            raise UserError('--torchcompile needs PyTorch 2 or newer.')
+        train_model = torch.compile(train_model, backend=args.torchcompile)
+    run.train_model = train_model
+
+
+def _build_scheduler(run: TrainRun) -> None:
+    args = run.args
+    run.updates_per_epoch = (len(run.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    run.lr_scheduler, run.num_epochs = create_scheduler_v2(
+        run.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=run.updates_per_epoch)
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        run.start_epoch = args.start_epoch
     # timm's schedulers are functions of the epoch / update count: resuming positions the schedule of this
     # command line at the resumed epoch (the checkpoint's 'scheduler' entry is informative only, so a resume
     # with more --epochs stretches the schedule instead of keeping the old one).
-    if lr_scheduler is not None and start_epoch > 0:
+    if run.lr_scheduler is not None and run.start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            run.lr_scheduler.step_update(run.start_epoch * run.updates_per_epoch)
         else:
-            lr_scheduler.step(start_epoch)
-    num_updates_start = start_epoch * updates_per_epoch
+            run.lr_scheduler.step(run.start_epoch)
+    run.num_updates = run.start_epoch * run.updates_per_epoch
 
-    # output folder
-    saver, output_dir = None, ''
+
+def _checkpoint_extras(run: TrainRun) -> Dict[str, Any]:
+    """Entries this package adds to timm's checkpoint layout."""
+    return {
+        'scheduler': run.lr_scheduler.state_dict() if run.lr_scheduler is not None else None,
+        'num_updates': run.num_updates,
+        'class_names': list(run.labels) if run.labels else None,  # read by noah-visualize
+    }
+
+
+def _prepare_output(run: TrainRun) -> None:
+    """The run folder (rank 0): checkpoint saver, args.yaml and the summary rows kept from a resumed run."""
+    args = run.args
     if args.resume and not args.experiment and os.path.isfile(
             os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'args.yaml')):
-        output_dir = os.path.dirname(os.path.abspath(args.resume))
+        run.output_dir = os.path.dirname(os.path.abspath(args.resume))
     else:
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
-            str(data_config['input_size'][-1])])
-        output_dir = os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
-    summary_path = os.path.join(output_dir, 'summary.csv')
-    summary_rows: List[Dict[str, Any]] = []
-    fields = list(SUMMARY_FIELDS) + (['ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5'] if model_ema else [])
-    state = {'num_updates': num_updates_start}
-    if primary:
-        os.makedirs(output_dir, exist_ok=True)
-        saver = AtomicCheckpointSaver(
-            model=model, optimizer=optimizer, args=plain_namespace(args), model_ema=model_ema,
-            amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-            max_history=args.checkpoint_hist,
-            extra_state=lambda: {
-                'scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                'num_updates': state['num_updates'],
-                'class_names': list(labels) if labels else None,  # read by noah-visualize
-            })
-        if resume_ckpt is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir) \
-                and isinstance(resume_ckpt.get('saver'), dict):
-            saver.load_state_dict(resume_ckpt['saver'])
-        atomic_write_text(args_to_yaml(args), os.path.join(output_dir, 'args.yaml'))
-        summary_rows = _read_summary(summary_path, start_epoch)
-        _logger.info(f'Output folder: {output_dir}')
-    _logger.info(f'Training for {num_epochs - start_epoch} epoch(s) of {len(loader_train)} steps '
-                 f'({len(dataset_train)} train / {len(dataset_eval)} val images).')
+            str(run.data_config['input_size'][-1])])
+        run.output_dir = os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
+    run.summary_fields = list(SUMMARY_FIELDS) + (
+        ['ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5'] if run.model_ema else [])
+    if run.primary:
+        os.makedirs(run.output_dir, exist_ok=True)
+        run.saver = AtomicCheckpointSaver(
+            model=run.model, optimizer=run.optimizer, args=plain_namespace(args), model_ema=run.model_ema,
+            amp_scaler=run.loss_scaler, checkpoint_dir=run.output_dir, recovery_dir=run.output_dir,
+            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+            extra_state=lambda: _checkpoint_extras(run))
+        if run.resume_ckpt is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(
+                run.output_dir) and isinstance(run.resume_ckpt.get('saver'), dict):
+            run.saver.load_state_dict(run.resume_ckpt['saver'])
+        atomic_write_text(args_to_yaml(args), os.path.join(run.output_dir, 'args.yaml'))
+        run.summary_rows = _read_summary(run.summary_path, run.start_epoch)
+        _logger.info(f'Output folder: {run.output_dir}')
+        if run.saver.best_metric is not None:
+            run.best_metric, run.best_epoch = run.saver.best_metric, run.saver.best_epoch
+    _logger.info(f'Training for {run.num_epochs - run.start_epoch} epoch(s) of {len(run.loader_train)} steps '
+                 f'({len(run.dataset_train)} train / {len(run.dataset_eval)} val images).')
 
-    best_metric, best_epoch = None, None
-    if saver is not None and saver.best_metric is not None:
-        best_metric, best_epoch = saver.best_metric, saver.best_epoch
-    eval_model = model
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, num_epochs):
-            if distributed and hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                if mixup_fn is not None:
-                    mixup_fn.mixup_enabled = False
-                elif hasattr(loader_train, 'mixup_enabled'):
-                    loader_train.mixup_enabled = False
-            train_metrics, state['num_updates'] = train_one_epoch(
-                epoch, train_model, loader_train, optimizer, train_loss_fn, args, device, autocast, loss_scaler,
-                lr_scheduler, model_ema, mixup_fn, stop, saver, distributed, primary, state['num_updates'],
-                updates_per_epoch, world_size)
-            if distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model, world_size, args.dist_bn == 'reduce')
-            eval_metrics = evaluate(
-                eval_model, loader_eval, args, device, autocast, distributed, rank, world_size, len(dataset_eval),
-                args.no_prefetcher, args.channels_last)
-            _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}%  '
-                         f'top-5 {eval_metrics["top5"]:.2f}%  ({eval_metrics["count"]} images)')
-            row = OrderedDict(
-                epoch=epoch, train_loss=round(train_metrics['loss'], 6), eval_loss=round(eval_metrics['loss'], 6),
-                eval_top1=round(eval_metrics['top1'], 4), eval_top5=round(eval_metrics['top5'], 4),
-                lr=optimizer.param_groups[0]['lr'])
-            rank_metrics = eval_metrics  # with --model-ema the EMA weights rank checkpoints (as in timm)
-            if model_ema is not None:
-                ema_metrics = evaluate(
-                    model_ema.module, loader_eval, args, device, autocast, distributed, rank, world_size,
-                    len(dataset_eval), args.no_prefetcher, args.channels_last)
-                _logger.info(f'Eval (EMA): epoch {epoch}  loss {ema_metrics["loss"]:.4f}  top-1 '
-                             f'{ema_metrics["top1"]:.2f}%  top-5 {ema_metrics["top5"]:.2f}%')
-                row.update(ema_eval_loss=round(ema_metrics['loss'], 6), ema_eval_top1=round(ema_metrics['top1'], 4),
-                           ema_eval_top5=round(ema_metrics['top5'], 4))
-                rank_metrics = ema_metrics
-            if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, rank_metrics[args.eval_metric])
-            if saver is not None:
-                summary_rows.append(row)
-                _write_summary(summary_path, summary_rows, fields)
-                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=rank_metrics[args.eval_metric])
-    except Stopped as s:
-        name = signal.Signals(s.signum).name
-        path = ''
-        if saver is not None:
-            path = saver.save_recovery(s.epoch, batch_idx=s.step)
-        if distributed:
-            torch.distributed.barrier()
-        if primary:
-            _logger.info(f'Stopped by {name} at epoch {s.epoch} step {s.step + 1}; recovery checkpoint: {path}')
-            print(f'To resume: {_resume_command(path, argv)}', file=sys.stderr, flush=True)
-        return 128 + s.signum
 
-    if best_metric is not None:
-        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-    if saver is not None:
-        _logger.info(f'Checkpoints in {output_dir}')
-    if args.save_hf and primary:
-        _save_hf(args, output_dir, labels)
-    if distributed:
+def _train_epochs(run: TrainRun) -> None:
+    for epoch in range(run.start_epoch, run.num_epochs):
+        _begin_epoch(run, epoch)
+        train_metrics = train_one_epoch(run, epoch)
+        row, rank_metrics = _evaluate_epoch(run, epoch, train_metrics)
+        _end_epoch(run, epoch, row, rank_metrics)
+
+
+def _begin_epoch(run: TrainRun, epoch: int) -> None:
+    args = run.args
+    if run.distributed and hasattr(run.loader_train.sampler, 'set_epoch'):
+        run.loader_train.sampler.set_epoch(epoch)
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if run.mixup_fn is not None:
+            run.mixup_fn.mixup_enabled = False
+        elif hasattr(run.loader_train, 'mixup_enabled'):
+            run.loader_train.mixup_enabled = False
+
+
+def _evaluate_model(run: TrainRun, model: nn.Module) -> Dict[str, Any]:
+    args = run.args
+    return evaluate(model, run.loader_eval, args, run.device, run.autocast, run.distributed, run.rank,
+                    run.world_size, len(run.dataset_eval), args.no_prefetcher, args.channels_last)
+
+
+def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
+    """Evaluate the model (and its EMA); returns the summary row and the metrics that rank checkpoints."""
+    if run.distributed and run.args.dist_bn in ('broadcast', 'reduce'):
+        distribute_bn(run.model, run.world_size, run.args.dist_bn == 'reduce')
+    eval_metrics = _evaluate_model(run, run.model)
+    _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}%  '
+                 f'top-5 {eval_metrics["top5"]:.2f}%  ({eval_metrics["count"]} images)')
+    row = OrderedDict(
+        epoch=epoch, train_loss=round(train_metrics['loss'], 6), eval_loss=round(eval_metrics['loss'], 6),
+        eval_top1=round(eval_metrics['top1'], 4), eval_top5=round(eval_metrics['top5'], 4),
+        lr=run.optimizer.param_groups[0]['lr'])
+    rank_metrics = eval_metrics  # with --model-ema the EMA weights rank checkpoints (as in timm)
+    if run.model_ema is not None:
+        ema_metrics = _evaluate_model(run, run.model_ema.module)
+        _logger.info(f'Eval (EMA): epoch {epoch}  loss {ema_metrics["loss"]:.4f}  top-1 '
+                     f'{ema_metrics["top1"]:.2f}%  top-5 {ema_metrics["top5"]:.2f}%')
+        row.update(ema_eval_loss=round(ema_metrics['loss'], 6), ema_eval_top1=round(ema_metrics['top1'], 4),
+                   ema_eval_top5=round(ema_metrics['top5'], 4))
+        rank_metrics = ema_metrics
+    return row, rank_metrics
+
+
+def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Dict[str, Any]) -> None:
+    """Step the epoch schedule, then (rank 0) append the summary row and save the checkpoints."""
+    metric = rank_metrics[run.args.eval_metric]
+    if run.lr_scheduler is not None:
+        run.lr_scheduler.step(epoch + 1, metric)
+    if run.saver is not None:
+        run.summary_rows.append(row)
+        _write_summary(run.summary_path, run.summary_rows, run.summary_fields)
+        run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+
+
+def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
+    """After SIGTERM / SIGINT: write the recovery checkpoint, print the resume command, exit 128 + signal."""
+    name = signal.Signals(stopped.signum).name
+    path = ''
+    if run.saver is not None:
+        path = run.saver.save_recovery(stopped.epoch, batch_idx=stopped.step)
+    if run.distributed:
+        torch.distributed.barrier()
+    if run.primary:
+        _logger.info(f'Stopped by {name} at epoch {stopped.epoch} step {stopped.step + 1}; recovery checkpoint: {path}')
+        print(f'To resume: {_resume_command(path, run.argv)}', file=sys.stderr, flush=True)
+    return 128 + stopped.signum
+
+
+def _finish(run: TrainRun) -> int:
+    if run.best_metric is not None:
+        _logger.info(f'*** Best metric: {run.best_metric} (epoch {run.best_epoch})')
+    if run.saver is not None:
+        _logger.info(f'Checkpoints in {run.output_dir}')
+    if run.args.save_hf and run.primary:
+        _save_hf(run.args, run.output_dir, run.labels)
+    if run.distributed:
         torch.distributed.barrier()
     return 0
+
+
+def _train(argv: List[str], stop: StopRequest) -> int:
+    run = _setup_run(argv, stop)
+    _build_datasets(run)
+    _build_model(run)
+    _build_loaders(run)
+    _build_optimization(run)
+    _prepare_output(run)
+    try:
+        _train_epochs(run)
+    except Stopped as stopped:
+        return _stop_with_recovery(run, stopped)
+    return _finish(run)
 
 
 def _save_hf(args, output_dir: str, labels) -> None:

@@ -5,5 +5,6 @@ lists the NOAH Mixer / ResMLP / gMLP twins next to timm's own), so timm's module
 tests find them where they find the stock siblings.
 """
 from .mlp_mixer import BASELINE_MODEL_ARGS, NOAH_MODEL_ARGS, NoahMlpMixer
+from . import adapted, efficientnet, mobilenetv3, resnet, vision_transformer  # noqa: F401  (register noah_* CNNs / DeiTs)
 
 __all__ = ['BASELINE_MODEL_ARGS', 'NOAH_MODEL_ARGS', 'NoahMlpMixer']

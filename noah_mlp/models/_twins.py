@@ -1,0 +1,85 @@
+"""Building the NOAH twin of a timm CNN / ViT: timm's own builder, then a NOAH head, then the weights.
+
+A twin is built by the family's own timm generator (so every architecture argument means what it means
+in timm) without weights, turned into the family class's NOAH subclass (`noah_mlp.adapt.noah_class`), and
+only then loaded: weights that hold a NOAH head (this package's, or the NOAH authors' after the family's
+key remapping) load exactly; the linear-head sibling's published weights load the backbone and start a
+fresh NOAH head.
+"""
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg, list_pretrained, load_pretrained
+
+from ..adapt import HEAD_ARGS, noah_class, noah_head_filter
+
+__all__ = ['build_noah_twin', 'sibling_cfgs']
+
+FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+
+NOAH_PAPER = 'NOAH: Learning Pairwise Object Category Attentions for Image Classification'
+
+
+def sibling_cfgs(variant: str, sibling: str, **overrides: Any) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs `{variant}.{tag}` for every weight tag timm publishes for `sibling` (default tag first).
+
+    Each points at the sibling's weights (same hub id / url); the NOAH head starts fresh on loading.
+    Without published weights, one cfg with the sibling's preprocessing (or `overrides`) and no source.
+    """
+    out = {}
+    for name in list_pretrained(f'{sibling}.*'):
+        cfg = get_pretrained_cfg(name).to_dict()
+        cfg.pop('architecture', None)
+        cfg.pop('tag', None)
+        out[f'{variant}.{name.split(".", 1)[1]}'] = dict(cfg, **overrides)
+    if not out:
+        out[variant] = dict(overrides)
+    return out
+
+
+def build_noah_twin(
+        build_stock: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool,
+        noah_args: Dict[str, Any],
+        arch_args: Optional[Dict[str, Any]] = None,
+        filter_fn: Optional[FilterFn] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """`build_stock(variant, pretrained=False, **arch_args, **kwargs)` (timm's generator), a NOAH head, weights.
+
+    `noah_args` / `arch_args` are the variant's published head settings and architecture; the caller's
+    kwargs override both and are what the model records for config.json (the name fixes the rest).
+    `filter_fn` maps a checkpoint to timm's key names (the sibling's timm filter, the NOAH authors' layout).
+    `features_only=True` returns timm's feature extractor of the backbone (it has no head).
+    """
+    chosen = {k: kwargs.pop(k) for k in HEAD_ARGS if k in kwargs}
+    head_args = dict(noah_args, **chosen)
+    build_args = dict(arch_args or {}, **kwargs)
+    if kwargs.get('features_only'):
+        return build_stock(variant, pretrained=pretrained, **build_args)
+    model = build_stock(variant, pretrained=False, **build_args)
+    model.__class__ = noah_class(type(model))
+    model._setup_noah(**head_args)
+    # what config.json needs to rebuild this model (timm.create_model records its kwargs itself too)
+    recorded = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS and v is not None}
+    model._model_args = dict(getattr(model, '_model_args', {}), **recorded, **chosen)
+    if pretrained:
+        def _filter(state_dict, model_):
+            if filter_fn is not None:
+                state_dict = filter_fn(state_dict, model_)
+            return noah_head_filter(state_dict, model_)
+
+        load_pretrained(
+            model,
+            pretrained_cfg=model.pretrained_cfg,
+            num_classes=model.num_classes,
+            in_chans=kwargs.get('in_chans', 3),
+            filter_fn=_filter,
+        )
+    return model
+
+
+# Options the factory hands to an entrypoint that say how to load or place a model, not what it is.
+_NOT_MODEL_ARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args', 'cache_dir', 'device', 'dtype')
