@@ -15,6 +15,7 @@ write a recovery checkpoint and exit non-zero with the command that resumes the 
 import argparse
 import contextlib
 import csv
+import importlib
 import io
 import logging
 import os
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.layers import set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -44,6 +46,7 @@ from .cli_common import amp_autocast, create_model_checked, is_mixer_family, res
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .head import NoahHead
 from .train_args import REFUSED, build_parser, refused_in_use
 
 __all__ = ['build_parser', 'main', 'train']
@@ -126,6 +129,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.epochs < 1, '--epochs must be at least 1.'),
         (args.checkpoint_hist < 1, '--checkpoint-hist must be at least 1.'),
         (args.log_interval < 1, '--log-interval must be at least 1.'),
+        (args.val_interval < 1, '--val-interval must be at least 1.'),
     ]
     for bad, message in refused:
         if bad:
@@ -179,6 +183,47 @@ def _lr(args: argparse.Namespace, world_size: int) -> float:
     if scale == 'sqrt':
         ratio = ratio ** 0.5
     return args.lr_base * ratio
+
+
+def _init_head(model: nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """--head-init-scale / --head-init-bias: timm's meaning for a linear head, NoahHead.init_scaled for NOAH's."""
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if isinstance(head, NoahHead):
+        head.init_scaled(scale, bias)
+    elif isinstance(head, nn.Linear) and head.bias is not None:
+        with torch.no_grad():
+            if scale is not None:
+                head.weight.mul_(scale)
+                head.bias.mul_(scale)
+            if bias is not None:
+                head.bias.fill_(bias)
+    else:
+        raise UserError(f'--head-init-scale / --head-init-bias apply to a NOAH or linear classifier head, '
+                        f'not to {type(head).__name__}.')
+    _logger.info(f'Head initialised: weights x {scale if scale is not None else 1}'
+                 f'{f", every logit starts at {bias}" if bias is not None else ""}.')
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--log-wandb needs the wandb package: pip install "noah-mlp[wandb]" (or pip install wandb).') \
+            from None
+    return wandb
+
+
+def _start_wandb(run: 'TrainRun') -> None:
+    """--log-wandb (rank 0): a W&B run named after the run folder, with the training flags as its config."""
+    args = run.args
+    if args.wandb_resume_id and not args.resume:
+        raise UserError('--wandb-resume-id continues a W&B run: give it with --resume, which continues the training.')
+    wandb = _import_wandb()
+    run.wandb_run = wandb.init(
+        project=args.wandb_project, name=os.path.basename(run.output_dir), config=vars(plain_namespace(args)),
+        tags=args.wandb_tags or None, id=args.wandb_resume_id or None,
+        resume='must' if args.wandb_resume_id else None, dir=run.output_dir)
+    _logger.info(f'W&B run {run.wandb_run.id} (project {run.wandb_run.project}).')
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -242,6 +287,7 @@ class TrainRun:
     data_config: Dict[str, Any] = field(default_factory=dict)
     autocast: Callable = contextlib.nullcontext
     loss_scaler: Optional[NativeScaler] = None
+    model_dtype: Optional[torch.dtype] = None  # --model-dtype: weights and inputs in this dtype (no AMP)
     # optimisation
     optimizer: Optional[torch.optim.Optimizer] = None
     lr_scheduler: Any = None
@@ -257,6 +303,7 @@ class TrainRun:
     summary_fields: List[str] = field(default_factory=list)
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
+    wandb_run: Any = None  # --log-wandb (rank 0)
 
     @property
     def primary(self) -> bool:
@@ -283,7 +330,7 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
         need_update = last or (step + 1) % accum == 0
         update_accum = (total - last_accum) if step >= last_accum else accum
         if args.no_prefetcher:
-            input, target = input.to(run.device), target.to(run.device)
+            input, target = input.to(run.device, dtype=run.model_dtype), target.to(run.device)
             if run.mixup_fn is not None:
                 input, target = run.mixup_fn(input, target)
         if args.channels_last:
@@ -302,6 +349,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
             _backward(run, loss / update_accum, need_update)
         if need_update:
             _after_update(run)
+        if args.synchronize_step:
+            getattr(torch, run.device.type).synchronize()
 
         meter.samples += input.shape[0] * run.world_size
         if run.primary and ((step + 1) % args.log_interval == 0 or last):
@@ -385,14 +434,14 @@ def _log_train_step(run: TrainRun, meter: _StepMeter, epoch: int, step: int, tot
 
 @torch.no_grad()
 def evaluate(model, loader, args, device, autocast, distributed: bool, rank: int, world_size: int, num_samples: int,
-             no_prefetcher: bool, channels_last: bool = False):
+             no_prefetcher: bool, channels_last: bool = False, input_dtype: Optional[torch.dtype] = None):
     """Loss, top-1 and top-5 over the loader's dataset, summed exactly across processes (padding removed)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
     seen = 0
     for input, target in loader:
         if no_prefetcher:
-            input, target = input.to(device), target.to(device)
+            input, target = input.to(device, dtype=input_dtype), target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -457,6 +506,12 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
     parser = build_parser()
     args, notes = parse_args_with_config(parser, argv)
     _check_args(args)
+    for module in args.device_modules or []:
+        importlib.import_module(module)
+    if args.fast_norm:
+        set_fast_norm()
+    if args.log_wandb:
+        _import_wandb()  # before any work: a missing package is one error line
 
     device_name = resolve_device(args.device)
     dist_info = init_distributed_device_so(device=device_name, dist_backend=args.dist_backend)
@@ -489,13 +544,16 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
 def _build_datasets(run: TrainRun) -> None:
     """Datasets first: their class count is the default --num-classes, and a bad folder fails before any work."""
     args = run.args
+    keys = {k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None}
     run.dataset_train = build_dataset(
         args.dataset, args.data_dir, args.train_split, is_training=True, class_map=args.class_map,
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
-        download=args.dataset_download)
+        download=args.dataset_download, num_samples=args.train_num_samples,
+        trust_remote_code=args.dataset_trust_remote_code, **keys)
     run.dataset_eval = build_dataset(
         args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
-        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download)
+        batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download,
+        num_samples=args.val_num_samples, trust_remote_code=args.dataset_trust_remote_code, **keys)
     run.labels = class_names(run.dataset_train)
     if args.num_classes is None:
         if not run.labels:
@@ -504,6 +562,11 @@ def _build_datasets(run: TrainRun) -> None:
         _logger.info(f'{len(run.labels)} classes found in the dataset.')
     elif run.labels and len(run.labels) > args.num_classes:
         raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
+    elif run.labels and len(run.labels) != args.num_classes:
+        _logger.warning(
+            f'warning: num_classes is {args.num_classes} (command line or --config) but the dataset has '
+            f'{len(run.labels)} classes: the model gets {args.num_classes - len(run.labels)} outputs no image is '
+            f'labelled with. Leave num_classes out to use the dataset\'s count.')
 
 
 def _build_model(run: TrainRun) -> None:
@@ -520,6 +583,8 @@ def _build_model(run: TrainRun) -> None:
         check_compatible(model, sd, args.initial_checkpoint, args.model)
         model.load_state_dict(sd)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        _init_head(model, args.head_init_scale, args.head_init_bias)
     if run.primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
@@ -529,7 +594,10 @@ def _build_model(run: TrainRun) -> None:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
         model.set_grad_checkpointing(enable=True)
-    model.to(run.device)
+    run.model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    if run.model_dtype not in (None, torch.float32) and args.amp:
+        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
+    model.to(device=run.device, dtype=run.model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn:
@@ -574,7 +642,7 @@ def _build_loaders(run: TrainRun) -> None:
     common = dict(
         mean=data_config['mean'], std=data_config['std'], num_workers=workers, distributed=run.distributed,
         pin_memory=args.pin_mem, device=run.device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=workers > 0)
+        img_dtype=run.model_dtype or torch.float32, persistent_workers=workers > 0)
     run.loader_train = create_loader(
         run.dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
@@ -595,15 +663,14 @@ def _build_loaders(run: TrainRun) -> None:
             f'the training split has {len(run.dataset_train)} images, fewer than one batch of {args.batch_size} '
             f'per process x {run.world_size} process(es): lower --batch-size.')
 
+    bce = partial(BinaryCrossEntropy, target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                  pos_weight=args.bce_pos_weight)
     if mixup_active:
-        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
+        loss_fn = bce() if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
-        loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        loss_fn = bce(smoothing=args.smoothing) if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
-        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else nn.CrossEntropyLoss()
+        loss_fn = bce() if args.bce_loss else nn.CrossEntropyLoss()
     run.train_loss_fn = loss_fn.to(run.device)
 
 
@@ -679,7 +746,7 @@ def _wrap_for_training(run: TrainRun) -> None:
     if args.torchcompile:
         if not hasattr(torch, 'compile'):
             raise UserError('--torchcompile needs PyTorch 2 or newer.')
-        train_model = torch.compile(train_model, backend=args.torchcompile)
+        train_model = torch.compile(train_model, backend=args.torchcompile, mode=args.torchcompile_mode)
     run.train_model = train_model
 
 
@@ -736,6 +803,8 @@ def _prepare_output(run: TrainRun) -> None:
             run.saver.load_state_dict(run.resume_ckpt['saver'])
         atomic_write_text(args_to_yaml(args), os.path.join(run.output_dir, 'args.yaml'))
         run.summary_rows = _read_summary(run.summary_path, run.start_epoch)
+        if args.log_wandb:
+            _start_wandb(run)
         _logger.info(f'Output folder: {run.output_dir}')
         if run.saver.best_metric is not None:
             run.best_metric, run.best_epoch = run.saver.best_metric, run.saver.best_epoch
@@ -747,7 +816,12 @@ def _train_epochs(run: TrainRun) -> None:
     for epoch in range(run.start_epoch, run.num_epochs):
         _begin_epoch(run, epoch)
         train_metrics = train_one_epoch(run, epoch)
-        row, rank_metrics = _evaluate_epoch(run, epoch, train_metrics)
+        if (epoch + 1) % run.args.val_interval == 0 or epoch == run.num_epochs - 1:
+            row, rank_metrics = _evaluate_epoch(run, epoch, train_metrics)
+        else:  # --val-interval: no evaluation and no checkpoint this epoch (as in timm)
+            row = OrderedDict(epoch=epoch, train_loss=round(train_metrics['loss'], 6),
+                              lr=run.optimizer.param_groups[0]['lr'])
+            rank_metrics = None
         _end_epoch(run, epoch, row, rank_metrics)
 
 
@@ -765,7 +839,7 @@ def _begin_epoch(run: TrainRun, epoch: int) -> None:
 def _evaluate_model(run: TrainRun, model: nn.Module) -> Dict[str, Any]:
     args = run.args
     return evaluate(model, run.loader_eval, args, run.device, run.autocast, run.distributed, run.rank,
-                    run.world_size, len(run.dataset_eval), args.no_prefetcher, args.channels_last)
+                    run.world_size, len(run.dataset_eval), args.no_prefetcher, args.channels_last, run.model_dtype)
 
 
 def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
@@ -790,15 +864,19 @@ def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
     return row, rank_metrics
 
 
-def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Dict[str, Any]) -> None:
-    """Step the epoch schedule, then (rank 0) append the summary row and save the checkpoints."""
-    metric = rank_metrics[run.args.eval_metric]
+def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Optional[Dict[str, Any]]) -> None:
+    """Step the epoch schedule, then (rank 0) append the summary row, log it to W&B and save the checkpoints
+    (on evaluated epochs: `rank_metrics` is None between --val-interval evaluations)."""
+    metric = rank_metrics[run.args.eval_metric] if rank_metrics is not None else None
     if run.lr_scheduler is not None:
         run.lr_scheduler.step(epoch + 1, metric)
     if run.saver is not None:
         run.summary_rows.append(row)
         _write_summary(run.summary_path, run.summary_rows, run.summary_fields)
-        run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+        if run.wandb_run is not None:
+            run.wandb_run.log(dict(row), step=epoch)
+        if rank_metrics is not None:
+            run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
 
 
 def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
@@ -817,7 +895,10 @@ def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
 
 def _finish(run: TrainRun) -> int:
     if run.best_metric is not None:
-        _logger.info(f'*** Best metric: {run.best_metric} (epoch {run.best_epoch})')
+        weights = 'EMA weights' if run.model_ema is not None else 'model weights'
+        _logger.info(f'*** Best metric ({weights}): {run.args.eval_metric} {run.best_metric} (epoch {run.best_epoch})')
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
     if run.saver is not None:
         _logger.info(f'Checkpoints in {run.output_dir}')
     if run.args.save_hf and run.primary:
