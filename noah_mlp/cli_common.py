@@ -2,6 +2,7 @@
 AMP selection, logging."""
 import contextlib
 import difflib
+import importlib
 import logging
 import sys
 from typing import Any, Optional
@@ -11,7 +12,8 @@ import timm
 
 from .errors import UserError
 
-__all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging']
+__all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging',
+           'add_precision_args', 'prepare_runtime']
 
 _logger = logging.getLogger('noah_mlp')
 
@@ -90,3 +92,32 @@ def setup_logging(primary: bool, level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level if primary else logging.WARNING)
     logger.propagate = False
+
+
+def add_precision_args(group) -> None:
+    """The device-side flags train.py and validate.py share: AMP, model dtype, fast norm, device modules."""
+    group.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    group.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
+                       help='AMP dtype (default: float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--model-dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
+                       help='weights and inputs in this dtype, without AMP; float32 when not given')
+    group.add_argument('--fast-norm', action='store_true', default=False,
+                       help="timm's experimental fast LayerNorm / GroupNorm paths (set_fast_norm)")
+    group.add_argument('--device-modules', default=None, nargs='+', metavar='MODULE',
+                       help='Python modules to import first (out-of-tree device backends)')
+
+
+def prepare_runtime(args: Any) -> Optional[torch.dtype]:
+    """Import --device-modules, apply --fast-norm; return --model-dtype as a dtype (refused together with AMP)."""
+    for module in args.device_modules or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"--device-modules: cannot import '{module}' ({e}).") from None
+    if args.fast_norm:
+        from timm.layers import set_fast_norm
+        set_fast_norm()
+    dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    if dtype not in (None, torch.float32) and args.amp:
+        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
+    return dtype

@@ -15,7 +15,6 @@ write a recovery checkpoint and exit non-zero with the command that resumes the 
 import argparse
 import contextlib
 import csv
-import importlib
 import io
 import logging
 import os
@@ -33,7 +32,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
-from timm.layers import set_fast_norm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -42,7 +40,8 @@ from timm.utils import (
 from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, is_mixer_family, resolve_device, setup_logging
+from .cli_common import (
+    amp_autocast, create_model_checked, is_mixer_family, prepare_runtime, resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -506,10 +505,7 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
     parser = build_parser()
     args, notes = parse_args_with_config(parser, argv)
     _check_args(args)
-    for module in args.device_modules or []:
-        importlib.import_module(module)
-    if args.fast_norm:
-        set_fast_norm()
+    model_dtype = prepare_runtime(args)
     if args.log_wandb:
         _import_wandb()  # before any work: a missing package is one error line
 
@@ -518,7 +514,7 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
     run = TrainRun(
         argv=argv, stop=stop, args=args, device=torch.device(dist_info['device']),
         distributed=dist_info['distributed'], rank=dist_info['global_rank'], local_rank=dist_info['local_rank'],
-        world_size=dist_info['world_size'])
+        world_size=dist_info['world_size'], model_dtype=model_dtype)
     args.device, args.distributed, args.rank, args.world_size = (
         str(run.device), run.distributed, run.rank, run.world_size)
     setup_logging(run.primary)
@@ -594,9 +590,6 @@ def _build_model(run: TrainRun) -> None:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
         model.set_grad_checkpointing(enable=True)
-    run.model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
-    if run.model_dtype not in (None, torch.float32) and args.amp:
-        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
     model.to(device=run.device, dtype=run.model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

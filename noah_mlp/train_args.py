@@ -13,6 +13,7 @@ from typing import Dict, List
 
 from timm.utils import ParseKwargs
 
+from .cli_common import add_precision_args
 from .config import ArgumentParser, HelpFormatter
 
 __all__ = ['build_parser', 'REFUSED', 'refused_in_use', 'prog_name']
@@ -125,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help='batches whose gradients are summed before each optimizer step')
     g.add_argument('--grad-checkpointing', action='store_true', default=False,
                    help='recompute block activations in backward (less memory, more time)')
-    g.add_argument('--fast-norm', action='store_true', default=False,
-                   help="timm's experimental fast LayerNorm / GroupNorm paths (set_fast_norm)")
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra model arguments, e.g. noah_head_num=8 key_ratio=0.25 num_blocks=2')
     g.add_argument('--head-init-scale', type=float, default=None, metavar='S',
@@ -143,16 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Device parameters')
     g.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
     g.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
-    g.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
-    g.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
-                   help='AMP dtype (default: float16 on CUDA, bfloat16 on CPU)')
-    g.add_argument('--model-dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
-                   help='keep the model weights in this dtype (no AMP); float32 when not given')
+    add_precision_args(g)
     g.add_argument('--no-ddp-bb', action='store_true', default=False, help='no DDP buffer broadcast')
     g.add_argument('--synchronize-step', action='store_true', default=False,
                    help='wait for the device at the end of every step (accurate step times)')
-    g.add_argument('--device-modules', default=None, nargs='+', metavar='MODULE',
-                   help='Python modules to import first (out-of-tree device backends)')
     g.add_argument('--local-rank', '--local_rank', default=0, type=int, metavar='N',
                    help='set by the old torch.distributed.launch; ignored (the rank comes from the environment)')
 

@@ -8,7 +8,6 @@ upstream timm-format training checkpoints, or bare state dicts; none is unpickle
 """
 import argparse
 import csv
-import importlib
 import io
 import json
 import logging
@@ -18,11 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import RealLabelsImagenet, create_loader, resolve_data_config
-from timm.layers import set_fast_norm
 from timm.utils import ParseKwargs, random_seed, reparameterize_model
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
-from .cli_common import amp_autocast, create_model_checked, resolve_device, setup_logging
+from .cli_common import (
+    add_precision_args, amp_autocast, create_model_checked, prepare_runtime, resolve_device, setup_logging)
 from .config import ArgumentParser, HelpFormatter
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -91,16 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE',
                    help="model arguments (default: the checkpoint's training arguments)")
     p.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
-    p.add_argument('--device-modules', default=None, nargs='+', metavar='MODULE',
-                   help='Python modules to import first (out-of-tree device backends)')
-    p.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
-    p.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
-                   help='AMP dtype (default: float16 on CUDA, bfloat16 on CPU)')
-    p.add_argument('--model-dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
-                   help='cast the model (and inputs) to this dtype, no AMP; float32 when not given')
+    add_precision_args(p)
     p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
-    p.add_argument('--fast-norm', action='store_true', default=False,
-                   help="timm's experimental fast LayerNorm / GroupNorm paths (set_fast_norm)")
     p.add_argument('--reparam', action='store_true', default=False,
                    help="fold re-parameterisable blocks (timm's reparameterize_model; no change for MLP models)")
     p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
@@ -246,11 +237,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for message in refused_in_use(build_parser(), args, REFUSED):
         raise UserError(message)
     setup_logging(True)
-    for module in args.device_modules or []:
-        importlib.import_module(module)
+    model_dtype = prepare_runtime(args)
     random_seed(args.seed)
-    if args.fast_norm:
-        set_fast_norm()
     data_dir = args.data or args.data_dir
     if not args.model:
         raise UserError('no model given: pass --model NAME.')
@@ -281,9 +269,6 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if img_size is not None:
         data_cfg_args['img_size'] = img_size
     data_config = resolve_data_config(data_cfg_args, model=model, use_test_size=not args.use_train_size, verbose=False)
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
-    if model_dtype not in (None, torch.float32) and args.amp:
-        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
     model.to(device=device, dtype=model_dtype).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
