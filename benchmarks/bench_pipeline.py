@@ -41,30 +41,37 @@ def model_kwargs():
     return out
 
 
-def bare_step_rate(batch: int, steps: int, threads: int) -> float:
-    """Images/s of the demo model's own training step on random tensors (median over steps)."""
+def bare_step_rate(batch: int, steps: int, threads: int, device: str = 'cpu', amp_dtype=None) -> float:
+    """Images/s of the demo model's own training step on random tensors (median over steps);
+    on CUDA each step ends with a synchronize, and `amp_dtype` runs it under autocast."""
     torch.manual_seed(0)
     model = timm.create_model(DEMO_MODEL, num_classes=10, img_size=DEMO_IMG_SIZE, drop_path_rate=0.05,
-                              **model_kwargs()).train()
+                              **model_kwargs()).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    x = torch.randn(batch, 3, DEMO_IMG_SIZE, DEMO_IMG_SIZE)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, DEMO_IMG_SIZE, DEMO_IMG_SIZE, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    cuda = torch.device(device).type == 'cuda'
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if cuda:
+            torch.cuda.synchronize(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
 
-def train_py_rates(data_root: str, out_dir: str, batch: int, epochs: int, workers: int, threads: int):
+def train_py_rates(data_root: str, out_dir: str, batch: int, epochs: int, workers: int, threads: int,
+                   extra_args=()):
+    """img/s that `python -m noah_mlp.train` logs on the demo digits after epoch 0, and its wall time."""
     args = demo_train_args(data_root, out_dir, epochs=epochs, batch_size=batch, workers=workers,
-                           experiment=f'bench_w{workers}')
+                           experiment=f'bench_w{workers}') + list(extra_args)
     args[args.index('--log-interval') + 1] = '5'
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,14 @@ def machine_line() -> str:
             f'{torch.backends.cpu.get_cpu_capability()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
 
 
-def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds per call of every candidate, `rounds` times each, candidates alternating."""
+def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int = 1,
+                      device: Optional[torch.device] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every candidate, `rounds` times each, candidates alternating.
+
+    On a CUDA `device` each call is timed with CUDA events on the current stream (the host only
+    queues the work), after a synchronize that keeps the previous candidate's work out of it.
+    """
+    cuda = device is not None and torch.device(device).type == 'cuda'
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -76,10 +82,37 @@ def interleaved_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: i
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for name in order:
             gc.collect()
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
     return times
+
+
+def peak_memory_growth(fn: Callable[[], None], device: torch.device) -> int:
+    """Bytes above the memory held before `fn` at its peak: CUDA's allocator statistics on a GPU,
+    the process's peak RSS (VmHWM, in-process: a rough figure) on the CPU."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = current_rss()
+    reset_peak_rss()
+    fn()
+    return peak_rss() - before
 
 
 def quartiles(values: Sequence[float]):

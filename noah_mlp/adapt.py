@@ -130,6 +130,14 @@ class NoahAdapted:
         self.pretrained_cfg = cfg
         self.default_cfg = cfg  # timm keeps both names for the same dict
 
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at run time; pickle it as "NOAH subclass of <timm class>" so that
+        # torch.save(model) loads in a process that has not made it yet (deepcopy goes the same way).
+        fn, args, *rest = super().__reduce_ex__(protocol)
+        if args and args[0] is type(self):
+            return (_new_adapted, (type(self).__mro__[2],) + tuple(args[1:]), *rest)
+        return (fn, args, *rest)
+
     def _stage_rules(self, path: str) -> Tuple[List[str], List[str]]:
         """Which of the model's own head modules run per position, before / after the tokens are formed."""
         map_stages: List[str] = []
@@ -255,6 +263,11 @@ def noah_class(cls: type) -> type:
         globals()[name] = new
         _CLASSES[cls] = new
     return _CLASSES[cls]
+
+
+def _new_adapted(base: type, *args: Any) -> nn.Module:
+    cls = noah_class(base)
+    return cls.__new__(cls, *args)
 
 
 def is_noah_adapted(model: nn.Module) -> bool:

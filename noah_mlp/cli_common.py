@@ -4,8 +4,9 @@ import contextlib
 import difflib
 import importlib
 import logging
+import os
 import sys
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 import timm
@@ -13,7 +14,7 @@ import timm
 from .errors import UserError
 
 __all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging',
-           'add_precision_args', 'prepare_runtime']
+           'add_precision_args', 'prepare_runtime', 'cpu_cores', 'threads_per_process', 'default_loader_workers']
 
 _logger = logging.getLogger('noah_mlp')
 
@@ -28,8 +29,12 @@ def is_mixer_family(model_name: str) -> bool:
     return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models.mlp_mixer')
 
 
-def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
-    """timm.create_model, refusing an unknown name with close registered names as suggestions."""
+def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model, refusing an unknown name with close registered names as suggestions.
+
+    `noah_head=True` builds timm model `model_name` with its classifier replaced by a NOAH head
+    (`noah_mlp.add_noah_head`, through the `with_noah_head` entrypoint that config.json files name).
+    """
     import noah_mlp.models  # noqa: F401
     if not model_name:
         raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
@@ -41,6 +46,10 @@ def create_model_checked(model_name: str, **kwargs: Any) -> torch.nn.Module:
             close = [n for n in names if base.lower() in n][:5]
         hint = f' Close registered names: {", ".join(close)}.' if close else ''
         raise UserError(f"unknown model '{model_name}'.{hint} (`timm.list_models('noah_*')` lists the NOAH models.)")
+    if noah_head:
+        if base.startswith('noah_'):
+            raise UserError(f'--noah-head: {model_name} already has a NOAH head; leave the flag out.')
+        return create_model_checked('with_noah_head', backbone=model_name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return timm.create_model(model_name, **kwargs)
@@ -92,6 +101,52 @@ def setup_logging(primary: bool, level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level if primary else logging.WARNING)
     logger.propagate = False
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what a container, taskset or Slurm grants)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(nproc: int, inherited: Optional[str] = None) -> Tuple[int, Optional[str]]:
+    """OMP / intra-op threads for each of `nproc` processes sharing this machine's cores.
+
+    An inherited OMP_NUM_THREADS is kept unless `nproc` processes with that many threads each
+    would oversubscribe the cores (2 processes x 2 threads on 2 cores ran the demo 5.6x slower);
+    then each process gets cores // nproc. Returns (threads, a one-line note when it overrode).
+    """
+    cores, nproc = cpu_cores(), max(1, nproc)
+    fair = max(1, cores // nproc)
+    try:
+        asked = int(inherited) if inherited not in (None, '') else None
+    except ValueError:
+        asked = None
+    if asked is None or asked < 1:
+        return fair, None if inherited in (None, '') else (
+            f'OMP_NUM_THREADS={inherited!r} is not a positive number: using {fair} thread(s) per process.')
+    if asked * nproc <= cores:
+        return asked, None
+    return fair, (f'OMP_NUM_THREADS={asked} inherited would run {asked * nproc} threads on {cores} core(s) with '
+                  f'{nproc} process(es): using {fair} thread(s) per process.')
+
+
+def default_loader_workers(env: Optional[Mapping[str, str]] = None) -> int:
+    """Default data-loader workers per process: timm's 4 where the cores allow, fewer on small machines.
+
+    Each process of a node (LOCAL_WORLD_SIZE, set by torchrun) gets cores // processes cores; its
+    workers take all but one of them (the training loop keeps one), at most 4. On 2 cores that is
+    1 worker for one process and 0 (loading in the main process) for two, instead of PyTorch's
+    warning about more workers than cores.
+    """
+    env = os.environ if env is None else env
+    try:
+        local_procs = max(1, int(env.get('LOCAL_WORLD_SIZE', '1')))
+    except ValueError:
+        local_procs = 1
+    return min(4, max(0, cpu_cores() // local_procs - 1))
 
 
 def add_precision_args(group) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from .cli_common import threads_per_process
 from .errors import UserError, cli_main
 
 __all__ = ['write_digits_dataset', 'demo_train_args', 'run_demo', 'main']
@@ -116,9 +117,10 @@ def run_demo(output_dir: str, epochs: int = 20, nproc: Optional[int] = None, bat
     last = os.path.join(exp_dir, 'last.pth.tar')
     if os.path.isfile(last):
         train_args += ['--resume', last]  # a previous demo run in this folder: continue it (or finish at once)
-    env = dict(os.environ)
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env.setdefault('OMP_NUM_THREADS', str(threads))
+    threads, note = threads_per_process(nproc, os.environ.get('OMP_NUM_THREADS'))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if note and not quiet:
+        print(note, flush=True)
     if nproc > 1:
         cmd = [sys.executable, '-m', 'noah_mlp.launch', '--standalone', f'--nproc-per-node={nproc}',
                '-m', 'noah_mlp.train'] + train_args

@@ -9,8 +9,9 @@ Several processes (torchrun's environment; NCCL on CUDA, gloo on CPU)::
     bash distributed_train.sh 8 DATA --config configs/default_noah.yaml --model noah_gmlp_ti16_224
 
 Outputs go to ``{output}/{experiment}/``: last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar,
-summary.csv and args.yaml, every file written atomically. SIGTERM / SIGINT finish the current step,
-write a recovery checkpoint and exit non-zero with the command that resumes the run.
+summary.csv, training_curves.png (with matplotlib) and args.yaml, every file written atomically.
+SIGTERM / SIGINT finish the current step, write a recovery checkpoint and exit non-zero with the
+command that resumes the run.
 """
 import argparse
 import contextlib
@@ -46,6 +47,7 @@ from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
 from .head import NoahHead
+from .plot import plot_after_training
 from .train_args import REFUSED, build_parser, refused_in_use
 
 __all__ = ['build_parser', 'main', 'train']
@@ -163,8 +165,9 @@ def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
         kwargs['drop_rate'] = args.drop
         kwargs['proj_drop_rate'] = args.proj_drop
     if args.head_drop is not None:
-        if not args.model.startswith('noah_'):
-            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models only, not {args.model}.')
+        if not (args.model.startswith('noah_') or args.noah_head):
+            raise UserError(f'--head-drop (NOAH value dropout) applies to noah_* models (or --noah-head) only, '
+                            f'not {args.model}.')
         kwargs['head_drop_rate'] = args.head_drop
     img_size = args.input_size[-1] if args.input_size else args.img_size
     if img_size is not None:
@@ -572,7 +575,7 @@ def _build_model(run: TrainRun) -> None:
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
         _logger.warning(f'note: {n}')
-    model = create_model_checked(args.model, **model_kwargs)
+    model = create_model_checked(args.model, noah_head=args.noah_head, **model_kwargs)
     if args.initial_checkpoint:
         ckpt = safe_load(args.initial_checkpoint)
         sd = extract_state_dict(ckpt, use_ema=True, path=args.initial_checkpoint)
@@ -894,6 +897,7 @@ def _finish(run: TrainRun) -> int:
         run.wandb_run.finish()
     if run.saver is not None:
         _logger.info(f'Checkpoints in {run.output_dir}')
+        plot_after_training(run.output_dir)
     if run.args.save_hf and run.primary:
         _save_hf(run.args, run.output_dir, run.labels)
     if run.distributed:
@@ -925,7 +929,7 @@ def _save_hf(args, output_dir: str, labels) -> None:
     if not os.path.isfile(best):
         best = os.path.join(output_dir, 'last.pth.tar')
     ckpt = safe_load(best)
-    model = create_model_checked(args.model, **_model_args(args, []))
+    model = create_model_checked(args.model, noah_head=args.noah_head, **_model_args(args, []))
     use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
     sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
     check_compatible(model, sd, best, args.model)

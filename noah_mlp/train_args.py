@@ -13,7 +13,7 @@ from typing import Dict, List
 
 from timm.utils import ParseKwargs
 
-from .cli_common import add_precision_args
+from .cli_common import add_precision_args, default_loader_workers
 from .config import ArgumentParser, HelpFormatter
 
 __all__ = ['build_parser', 'REFUSED', 'refused_in_use', 'prog_name']
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     g.add_argument('--pretrained', action='store_true', default=False,
                    help="start from the model's pretrained weights (its pretrained_cfg)")
+    g.add_argument('--noah-head', action='store_true', default=False,
+                   help='replace the classifier of any timm --model by a NOAH head (noah_mlp.add_noah_head)')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH',
                    help='load these weights before training (EMA weights when the file has them)')
     g.add_argument('--resume', default='', metavar='PATH',
@@ -270,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='evaluate and write checkpoints every N epochs (and after the last)')
     g.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='recovery checkpoint every N steps (0: off)')
     g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='best checkpoints to keep')
-    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loader processes per training process')
+    g.add_argument('-j', '--workers', type=int, default=default_loader_workers(), metavar='N',
+                   help='data-loader processes per training process; the default fits the machine: '
+                        'min(4, its share of the cores - 1)')
     g.add_argument('--pin-mem', action='store_true', default=False, help='pin host memory in the data loader')
     g.add_argument('--no-prefetcher', action='store_true', default=False, help="no timm prefetcher (normalise on the host)")
     g.add_argument('--output', default='', metavar='DIR', help='output root (default: ./output/train)')

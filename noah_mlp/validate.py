@@ -21,7 +21,8 @@ from timm.utils import ParseKwargs, random_seed, reparameterize_model
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    add_precision_args, amp_autocast, create_model_checked, prepare_runtime, resolve_device, setup_logging)
+    add_precision_args, amp_autocast, create_model_checked, default_loader_workers, prepare_runtime, resolve_device,
+    setup_logging)
 from .config import ArgumentParser, HelpFormatter
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to evaluate: the file's state_dict (its EMA weights with --use-ema)")
     p.add_argument('--pretrained', action='store_true', default=False,
                    help="evaluate the model's pretrained weights (its pretrained_cfg)")
+    p.add_argument('--noah-head', action='store_true', default=False,
+                   help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False,
                    help="evaluate the checkpoint's EMA weights (an error if it has none)")
     p.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: from the checkpoint, else the model')
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std per channel')
     p.add_argument('--interpolation', default='', type=str, metavar='NAME', help="resize interpolation (default: the model's)")
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size')
-    p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data-loader processes')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=int, metavar='N',
+                   help='data-loader processes; the default fits the machine: min(4, cores - 1)')
     p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE',
                    help="model arguments (default: the checkpoint's training arguments)")
     p.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
@@ -146,6 +150,7 @@ def _model_kwargs(args: argparse.Namespace, train_args: Dict[str, Any]) -> Tuple
     if img_size is not None:
         kwargs['img_size'] = img_size
     kwargs.update(model_kwargs)
+    kwargs['noah_head'] = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
     return kwargs, img_size
 
 
@@ -252,7 +257,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         trust_remote_code=args.dataset_trust_remote_code,
         **{k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None})
 
-    model = create_model_checked(args.model, **kwargs)
+    noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
+    model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
     if ckpt is not None:
         _load_checkpoint_weights(model, ckpt, args)
     if args.reparam:

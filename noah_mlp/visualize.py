@@ -30,12 +30,15 @@ from timm.utils import ParseKwargs
 from .attention import NoahAttention, noah_attention, noah_head_of, token_grid
 from .checkpoint import safe_load
 from .cli_common import create_model_checked
+from .sharing import model_input_size
 from .errors import UserError, cli_main
+from .sharing import model_input_size
 
 __all__ = [
     'LoadedModel',
     'VisualizeError',
     'attention_figure',
+    'describe_model',
     'default_class_names',
     'load_class_names',
     'load_noah_model',
@@ -47,6 +50,7 @@ __all__ = [
 ImageLike = Union[str, os.PathLike, 'PIL.Image.Image']
 
 _BATCH = 16
+COLORBAR_WIDTH = 0.9  # inches added to a figure's width for the rows' colour bars
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,12 +92,10 @@ def _data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -
     """timm's eval data config for `model` at the size it was built for; `overrides` (crop_pct, mean,
     std, interpolation; None values ignored) win over the model's pretrained cfg."""
     from timm.data import resolve_data_config
-    stem = model.stem
-    in_chans = stem.proj.in_channels
-    img_size = tuple(stem.img_size)
     # the pretrained cfg keeps its 224 px input size when the model was built for another size
     args = {key: value for key, value in (overrides or {}).items() if value not in (None, '')}
-    args['input_size'] = (in_chans,) + img_size
+    args.setdefault('input_size', model_input_size(model))  # a CNN records the size it was trained at
+    in_chans = args['input_size'][0]
     cfg = resolve_data_config(args, model=model)
     cfg['mean'] = _channel_stats(cfg['mean'], in_chans)
     cfg['std'] = _channel_stats(cfg['std'], in_chans)
@@ -122,7 +124,7 @@ def preprocess_images(
     `data_config` entries (crop_pct, mean, std, interpolation) override the model's.
     """
     from PIL import Image
-    in_chans = model.stem.proj.in_channels
+    in_chans = model_input_size(model)[0]
     if transform is None:
         from timm.data import create_transform
         transform = create_transform(**_data_config(model, data_config), is_training=False)
@@ -162,9 +164,11 @@ def attention_figure(
 
     Rows: the classes of `att.classes[index]` with their probability; columns: the image, each
     group's attention map and the mean over groups, bilinearly upsampled to the image and overlaid.
-    All maps of a row share one colour scale, from 0 to the row's highest attention weight, so a
-    flat map looks flat; each panel says how far its peak is above a uniform map (1/L) and how much
-    that group added to the class logit (sum_l a*v; the mean column gives the logit itself).
+    Maps are drawn in multiples of a uniform map (weight x L, so 1 means "no preference"); all maps
+    of a row share one colour scale, from 0 to the row's highest weight, shown by the row's colour
+    bar, so a flat map looks flat. Each group's panel says its peak ("35x a uniform map") and what
+    that group adds to the class logit (sum_l a*v); the mean column's peak is the mean map's, and
+    its logit is the sum of the groups' parts, which is the class logit.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -186,7 +190,7 @@ def attention_figure(
     shown = image[..., 0] if gray else image
     ncols = N + 2
     size = 2.0
-    fig = Figure(figsize=(size * ncols, size * k + 0.8), dpi=100)
+    fig = Figure(figsize=(size * ncols + COLORBAR_WIDTH, size * k + 0.8), dpi=100, layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(k, ncols, squeeze=False)
     for row in range(k):
@@ -196,24 +200,49 @@ def attention_figure(
         ax.set_ylabel(f'{_label(class_names, c)}\np = {probs[c]:.1%}', fontsize=9)
         if row == 0:
             ax.set_title('input', fontsize=9)
-        row_max = max(float(panels[:, row].max()), 1e-12)
+        row_max = max(float(panels[:, row].max()) * L, 1e-12)  # in multiples of a uniform map
         for col in range(N + 1):
             ax = axes[row, col + 1]
             ax.imshow(shown, cmap='gray' if gray else None, vmin=0, vmax=1, interpolation='nearest')
-            peak = float(panels[col, row].max())
-            ax.imshow(up[col, row], cmap=cmap, alpha=alpha, vmin=0, vmax=row_max, interpolation='nearest')
-            logit_part = float(contrib[:, row].sum()) if col == N else float(contrib[col, row])
-            ax.text(0.02, 0.02, f'peak {peak * L:.1f}x unif.\nlogit {logit_part:+.2f}', transform=ax.transAxes,
-                    fontsize=7, color='white', va='bottom',
+            peak = float(panels[col, row].max()) * L
+            overlay = ax.imshow(up[col, row] * L, cmap=cmap, alpha=alpha, vmin=0, vmax=row_max,
+                                interpolation='nearest')
+            if col < N:
+                words = f'peak {_times(peak)} a uniform map\nadds {float(contrib[col, row]):+.2f} to the logit'
+            else:
+                words = (f'peak {_times(peak)} a uniform map\nlogit {float(contrib[:, row].sum()):+.2f} '
+                         f'= sum of the {N} groups')
+            ax.text(0.02, 0.02, words, transform=ax.transAxes, fontsize=7, color='white', va='bottom',
                     bbox=dict(facecolor='black', alpha=0.55, pad=1.5, edgecolor='none'))
             if row == 0:
                 ax.set_title(f'group {col + 1}' if col < N else f'mean of {N} groups', fontsize=9)
+        bar = fig.colorbar(overlay, ax=list(axes[row, 1:]), fraction=0.04, pad=0.01, aspect=12)
+        bar.solids.set_alpha(1)
+        bar.set_label('x a uniform map', fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title or 'NOAH attention per class and group', fontsize=10)
-    fig.tight_layout()
     return fig
+
+
+def _times(ratio: float) -> str:
+    """35.2 -> '35x', 1.46 -> '1.5x': how many times a uniform map's weight, in plain words."""
+    return f'{ratio:.0f}x' if ratio >= 10 else f'{ratio:.1f}x'
+
+
+def describe_model(model: nn.Module) -> str:
+    """The model's name and the settings it was actually built with (input size, token grid, NOAH N
+    and r, classes), which for a customised model differ from what the registry name suggests."""
+    head = noah_head_of(model)
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    _, H, W = model_input_size(model)
+    gh, gw = token_grid(model)
+    split = '' if head.kv_split and head.head_split else (
+        ', ' + ', '.join(t for t, off in (('keys = values', not head.kv_split), ('dense', not head.head_split)) if off))
+    return (f'{name} ({H}x{W} px, {gh}x{gw} tokens, N={head.num_heads} groups, r={head.key_ratio:g}{split}, '
+            f'{head.num_classes} classes)')
 
 
 def _unique_stem(name: str, used: Dict[str, int]) -> str:
@@ -247,7 +276,8 @@ def write_attention_figures(
         topk: rows per figure, the image's highest-scoring classes.
         names: file name stems (default: the image files' stems, or image_000, ...).
         mean, std: the normalisation to undo for display (default: the model's data config).
-        title: prefix of each figure's title (default: the model's name).
+        title: prefix of each figure's title (default: the model's name and the settings it was
+            built with, `describe_model`).
         data_config: overrides of the model's eval preprocessing (crop_pct, mean, std, interpolation),
             e.g. those the model was trained with.
     """
@@ -275,7 +305,7 @@ def write_attention_figures(
         cfg = _data_config(model, data_config)
         mean = cfg['mean'] if mean is None else mean
         std = cfg['std'] if std is None else std
-    model_name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    model_name = describe_model(model)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +370,8 @@ def _state_dict_num_classes(path: str, num_heads: int) -> Optional[int]:
         state = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception:
         return None
-    bias = state.get('head.value.bias')
+    # the head's value bias: head.value.bias (Mixer, DeiT), fc.value.bias (ResNet), classifier.value.bias, ...
+    bias = next((v for k, v in state.items() if k.endswith('.value.bias') and k[:-10] + 'query.bias' in state), None)
     if bias is None or bias.ndim != 1 or bias.shape[0] % num_heads:
         return None
     return bias.shape[0] // num_heads
@@ -425,7 +456,8 @@ def load_noah_model(
         kwargs['num_classes'] = num_classes
 
     try:
-        model = timm.create_model(model_name, **kwargs)
+        # create_model_checked: models without img_size (CNNs) take any input size
+        model = create_model_checked(model_name, noah_head=bool(train_args.get('noah_head')), **kwargs)
     except Exception as e:
         raise VisualizeError(f'cannot create {model_name} with {kwargs}: {_first_line(e)}') from None
     try:
@@ -447,6 +479,8 @@ def load_noah_model(
     model.eval()
     # preprocess as the model was trained/validated (timm's training args)
     data_config = {key: train_args.get(key) for key in ('crop_pct', 'mean', 'std', 'interpolation')}
+    if img_size:
+        data_config['input_size'] = (model_input_size(model)[0], int(img_size), int(img_size))
     return LoadedModel(model, class_names, data_config)
 
 
@@ -473,7 +507,7 @@ def _run(args: argparse.Namespace) -> List[Path]:
         data_config['crop_pct'] = args.crop_pct
     return write_attention_figures(
         loaded.model, args.images, args.out, class_names=loaded.class_names,
-        topk=min(args.topk, noah_head_of(loaded.model).num_classes), title=args.model, data_config=data_config)
+        topk=min(args.topk, noah_head_of(loaded.model).num_classes), data_config=data_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,5 +1,9 @@
 """add_noah_head: a NOAH head on timm CNNs, ViTs, Swin and Mixers, checked against the formula."""
+import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -10,6 +14,8 @@ import noah_mlp  # noqa: F401  (registers the models)
 from noah_mlp import add_noah_head, attention_maps, noah_attention
 from noah_mlp.adapt import UnsupportedModelError, is_noah_adapted
 from noah_mlp.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _nchw(model, feats):
@@ -219,3 +225,25 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    model, x = build('resnet')
+    model.eval()
+    path = tmp_path / 'model.pt'
+    torch.save(model, path)
+    torch.save(x, tmp_path / 'x.pt')
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / 'expected.pt')
+    code = ('import sys, torch; d = sys.argv[1]; m = torch.load(d + "/model.pt", weights_only=False).eval(); '
+            'x = torch.load(d + "/x.pt"); torch.testing.assert_close(m(x), torch.load(d + "/expected.pt")); '
+            'print(type(m).__name__)')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, '-c', code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == type(model).__name__
+    copied = copy.deepcopy(model)
+    assert type(copied) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x))

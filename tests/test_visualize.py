@@ -38,9 +38,9 @@ def write_images(folder, count=2, size=40):
 
 
 def figure_size(model, topk):
-    """Pixel size of one figure: 2 in per panel, columns = image + N groups + mean, 100 dpi."""
+    """Pixel size of one figure: 2 in per panel, columns = image + N groups + mean, colour bars, 100 dpi."""
     n = model.head.num_heads
-    return int(round(2.0 * (n + 2) * 100)), int(round((2.0 * topk + 0.8) * 100))
+    return int(round((2.0 * (n + 2) + viz.COLORBAR_WIDTH) * 100)), int(round((2.0 * topk + 0.8) * 100))
 
 
 def test_write_figures_from_tensor(tmp_path):
@@ -63,7 +63,7 @@ def test_figure_labels_rows_with_names_and_probabilities():
     att = noah_attention(model, x, topk=3)
     image = viz._to_display(x, (0.5,) * 3, (0.5,) * 3)[0]
     fig = viz.attention_figure(image, att, 0, NAMES)
-    axes = np.array(fig.axes).reshape(3, model.head.num_heads + 2)
+    axes = np.array(fig.axes[:3 * (model.head.num_heads + 2)]).reshape(3, model.head.num_heads + 2)
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     for row in range(3):
@@ -74,7 +74,45 @@ def test_figure_labels_rows_with_names_and_probabilities():
     assert titles == ['input', 'group 1', 'group 2', 'group 3', 'group 4', 'mean of 4 groups']
     # each map panel carries its share of the logit; the mean column carries the whole logit
     logit = float(att.logits[0, int(att.classes[0, 0])])
-    assert f'logit {logit:+.2f}' in axes[0, -1].texts[0].get_text()
+    assert f'logit {logit:+.2f} = sum of the 4 groups' in axes[0, -1].texts[0].get_text()
+
+
+def test_figure_speaks_plain_words_and_has_a_colour_bar_per_row():
+    """Peaks in multiples of a uniform map, each group's part of the logit, and one colour bar per row
+    whose scale is that of the row's maps (x a uniform map, 0 to the row's highest weight)."""
+    model = tiny()
+    x = torch.randn(1, 3, 32, 32)
+    att = noah_attention(model, x, topk=2)
+    image = viz._to_display(x, (0.5,) * 3, (0.5,) * 3)[0]
+    fig = viz.attention_figure(image, att, 0, NAMES)
+    N = model.head.num_heads
+    L = att.maps.shape[-1] * att.maps.shape[-2]
+    axes = np.array(fig.axes[:2 * (N + 2)]).reshape(2, N + 2)
+    bars = fig.axes[2 * (N + 2):]
+    assert len(bars) == 2 and all(bar.get_ylabel() == 'x a uniform map' for bar in bars)
+    for row in range(2):
+        maps = att.maps[0, :, row]  # (N, H', W')
+        parts = (maps * att.values[0, :, row]).sum((-1, -2))
+        for n in range(N):
+            text = axes[row, n + 1].texts[0].get_text()
+            assert text == (f'peak {viz._times(float(maps[n].max()) * L)} a uniform map\n'
+                            f'adds {float(parts[n]):+.2f} to the logit')
+        row_max = float(torch.cat([maps, maps.mean(0, keepdim=True)]).max()) * L
+        overlay = axes[row, 1].images[-1]
+        assert overlay.get_clim() == pytest.approx((0., row_max))
+        assert bars[row].get_ylim() == pytest.approx((0., row_max))
+    assert viz._times(35.2) == '35x' and viz._times(1.46) == '1.5x'
+
+
+def test_title_names_the_settings_the_model_was_built_with(tmp_path, monkeypatch):
+    model = tiny(num_classes=5, img_size=48, noah_head_num=2, key_ratio=0.25)
+    assert viz.describe_model(model) == 'noah_gmlp_ti16_224 (48x48 px, 6x6 tokens, N=2 groups, r=0.25, 5 classes)'
+    seen = []
+    original = viz.attention_figure
+    monkeypatch.setattr(viz, 'attention_figure', lambda *a, **kw: seen.append(kw['title']) or original(*a, **kw))
+    viz.write_attention_figures(model, torch.randn(1, 3, 48, 48), tmp_path, topk=1)
+    assert seen == ['noah_gmlp_ti16_224 (48x48 px, 6x6 tokens, N=2 groups, r=0.25, 5 classes): image_000 - '
+                    'where each NOAH group looks for the top 1 class']
 
 
 def test_write_figures_from_files_and_grayscale(tmp_path):

@@ -6,6 +6,9 @@ with the architecture `with_noah_head`, so `timm.create_model('local-dir:DIR', p
 `hf-hub:` id) makes the backbone again, adds the same head and loads the weights:
 
     timm.create_model('with_noah_head', backbone='resnet18', num_classes=10, key_ratio=0.25)
+
+With `pretrained=True` and no weights of its own (no saved folder, no `pretrained_cfg_overlay`), the
+backbone loads timm's published weights for `backbone` and the NOAH head starts fresh.
 """
 from typing import Any, Optional
 
@@ -38,17 +41,18 @@ def with_noah_head(
         raise ValueError("with_noah_head needs backbone='<timm model name>' (the model to put a NOAH head on).")
     for key in ('pretrained_model_args', 'cache_dir'):
         kwargs.pop(key, None)
-    model = timm.create_model(backbone, pretrained=False, **kwargs)
+    # weights named by the caller or a saved folder hold the NOAH head; else the backbone's own timm weights
+    from_source = pretrained_cfg is not None or bool(pretrained_cfg_overlay)
+    model = timm.create_model(backbone, pretrained=pretrained and not from_source, **kwargs)
     backbone_cfg = dict(model.pretrained_cfg)
     add_noah_head(model, noah_head_num, key_ratio, head_drop_rate, kv_split, head_split, noah_hidden_size)
-    if pretrained_cfg is not None or pretrained_cfg_overlay:
+    if from_source:
         cfg = resolve_pretrained_cfg('with_noah_head', pretrained_cfg, pretrained_cfg_overlay).to_dict()
         # preprocessing the weights' source does not state is the backbone's
         cfg = dict(backbone_cfg, **{k: v for k, v in cfg.items() if v is not None})
         cfg.update(classifier=model.pretrained_cfg['classifier'], architecture='with_noah_head')
-        model.pretrained_cfg = cfg
-        model.default_cfg = model.pretrained_cfg
-    if pretrained:
-        load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes,
-                        in_chans=kwargs.get('in_chans', 3), filter_fn=noah_head_filter)
+        model.pretrained_cfg = model.default_cfg = cfg
+        if pretrained:
+            load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3),
+                            filter_fn=noah_head_filter)
     return model
