@@ -257,8 +257,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         trust_remote_code=args.dataset_trust_remote_code,
         **{k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None})
 
-    noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
-    model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
+    model = create_model_checked(args.model, **kwargs)
     if ckpt is not None:
         _load_checkpoint_weights(model, ckpt, args)
     if args.reparam:

@@ -25,6 +25,7 @@ README = os.path.join(REPO, 'README.md')
 # Files the README names, written by the test at exactly that path (relative to the folder a block runs in).
 STAND_INS = {
     'datasets/ILSVRC2012': 'ImageNet: a 3-class ImageFolder of 16 px images (train/ and val/)',
+    'datasets/flowers': 'a fine-tuning dataset: the same 3-class folder',
     'noah_gmlp_ti16.pth.tar': 'a noah_gmlp_ti16_224 training checkpoint (1000 classes, with EMA), random weights',
     'model_best.pth.tar': 'the same checkpoint, as a run of train.py would name it',
     'output/train/exp/model_best.pth.tar': 'the same checkpoint, at the README path of a finished run',
@@ -46,6 +47,14 @@ SUBSTITUTIONS: List[Tuple[str, str, str]] = [
     ('--nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500',
      '--nnodes 1 --node-rank 0 --master-addr 127.0.0.1 --master-port {port}',
      'one machine: node 0 of a 1-node rendezvous on a free local port'),
+    ('--model noah_resnet50 -b 32', '--model noah_resnet50 -b 8 --img-size 32 --workers 0',
+     'ResNet-50 recipe at 32 px, batch 8'),
+    ('--epochs 100 ', '--epochs 1 ', '1 epoch instead of 100'),
+    ('python train.py ./datasets/flowers', 'python train.py ./datasets/flowers --img-size 32 -b 8 --workers 0 --epochs 1',
+     'fine-tuning examples at 32 px, batch 8, 1 epoch (a later --epochs on the line still wins: see the next row)'),
+    (' --epochs 30', ' --epochs 1', '1 epoch instead of 30'),
+    (' --pretrained', '', 'timm weights come from the Hugging Face hub and tests download nothing (loading local '
+                          'pretrained files: test_models_beyond.py); the model itself is the same'),
     ('python -m noah_mlp.demo', 'python -m noah_mlp.demo --epochs 1 --nproc 1 --limit 300',
      'the demo on 300 digits for 1 epoch (the full demo takes minutes: test_demo.py)'),
     ("create_model('noah_gmlp_ti16_224', num_classes=3, noah_head_num=8)",
@@ -56,6 +65,8 @@ SUBSTITUTIONS: List[Tuple[str, str, str]] = [
 # Blocks that do not run, by a line they contain, with the reason.
 NOT_RUN = {
     'python -m pytest -q': 'it is the test suite itself, which runs this test',
+    'python benchmarks/gpu_check.py': 'a GPU check; without CUDA it runs its CPU smoke mode, which '
+                                      'tests/test_gpu_check.py runs',
     'python benchmarks/bench_model.py': 'speed measurements: over 10 minutes on 2 shared cores even with --quick; '
                                         'benchmarks are scripts, not tests (benchmarks/README.md)',
 }
@@ -124,7 +135,12 @@ def _workdir(tmp_path, stand_ins) -> str:
     for name in ('train.py', 'validate.py', 'distributed_train.sh', 'configs', 'benchmarks'):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     for rel in STAND_INS:
-        src = stand_ins / (rel if not rel.endswith('model_best.pth.tar') else 'noah_gmlp_ti16.pth.tar')
+        if rel.startswith('datasets/'):
+            src = stand_ins / 'datasets' / 'ILSVRC2012'
+        elif rel.endswith('.pth.tar'):
+            src = stand_ins / 'noah_gmlp_ti16.pth.tar'
+        else:
+            src = stand_ins / rel
         dst = tmp_path / rel
         os.makedirs(dst.parent, exist_ok=True)
         os.symlink(src, dst)
