@@ -93,7 +93,8 @@ class NoahAdapted:
     Attributes set by `_setup_noah` (plain Python values, so they survive deepcopy / EMA copies):
     `noah_classifier` (dotted path of the head), `noah_map_stages` (paths of modules run on the native
     feature map before it becomes tokens), `noah_token_stages` (paths run on the (B, L, C) tokens),
-    `noah_prefix_tokens` (leading tokens left out) and the head settings.
+    `noah_prefix_tokens` (leading tokens left out) and the head settings. `type(model).timm_class` is
+    the timm class the model extends.
     """
 
     def _setup_noah(
@@ -120,7 +121,7 @@ class NoahAdapted:
         if noah_hidden_size:
             # the NOAH authors' narrow DeiTs map the tokens to a wider space (Linear + Tanh) before the head
             self.noah_pre_logits = nn.Sequential(OrderedDict([
-                ('fc', nn.Linear(in_chs, noah_hidden_size)), ('act', nn.Tanh())]))
+                ('fc', nn.Linear(in_chs, noah_hidden_size, **self._device_dtype())), ('act', nn.Tanh())]))
             self.noah_token_stages = self.noah_token_stages + ['noah_pre_logits']
             in_chs = noah_hidden_size
         self.noah_in_features = in_chs
@@ -135,7 +136,7 @@ class NoahAdapted:
         # torch.save(model) loads in a process that has not made it yet (deepcopy goes the same way).
         fn, args, *rest = super().__reduce_ex__(protocol)
         if args and args[0] is type(self):
-            return (_new_adapted, (type(self).__mro__[2],) + tuple(args[1:]), *rest)
+            return (_new_adapted, (type(self).timm_class,) + tuple(args[1:]), *rest)
         return (fn, args, *rest)
 
     def _stage_rules(self, path: str) -> Tuple[List[str], List[str]]:
@@ -154,9 +155,12 @@ class NoahAdapted:
             token_stages.append('fc_norm')  # ViT with global_pool='avg': the final norm moved after pooling
         return map_stages, token_stages
 
-    def _install_head(self, num_classes: int) -> None:
+    def _device_dtype(self) -> Dict[str, Any]:
         ref = next(self.parameters(), None)
-        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        return dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+
+    def _install_head(self, num_classes: int) -> None:
+        dd = self._device_dtype()
         if num_classes > 0:
             head = NoahHead(
                 self.noah_in_features, num_classes, num_heads=self.noah_head_num, key_ratio=self.key_ratio,
@@ -249,17 +253,16 @@ def noah_class(cls: type) -> type:
     if issubclass(cls, NoahAdapted):
         return cls
     if cls not in _CLASSES:
-        def __init__(self, *args: Any, noah_head_num: int = 4, key_ratio: float = 0.5, head_drop_rate: float = 0.1,
-                     kv_split: bool = True, head_split: bool = True, noah_hidden_size: Optional[int] = None,
-                     **kwargs: Any) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            head_args = {k: kwargs.pop(k) for k in HEAD_ARGS if k in kwargs}
             cls.__init__(self, *args, **kwargs)
-            self._setup_noah(noah_head_num, key_ratio, head_drop_rate, kv_split, head_split, noah_hidden_size)
+            self._setup_noah(**head_args)
 
         name = f'Noah{cls.__name__}'
         if name in globals():  # two timm classes of the same name
             name = f'Noah{cls.__name__}_{cls.__module__.replace(".", "_")}'
         new = type(name, (NoahAdapted, cls), {'__init__': __init__, '__module__': __name__, '__qualname__': name,
-                                              '__doc__': f'timm {cls.__name__} with a NOAH head.'})
+                                              '__doc__': f'timm {cls.__name__} with a NOAH head.', 'timm_class': cls})
         globals()[name] = new
         _CLASSES[cls] = new
     return _CLASSES[cls]

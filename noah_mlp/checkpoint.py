@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import zipfile
 from collections import OrderedDict
 from typing import Any, Dict
 
@@ -26,14 +25,49 @@ __all__ = [
 ]
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    return len(head) > 8 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < size
+
+
+def _not_a_checkpoint(path: str, head: bytes, detail: str) -> UserError:
+    """The error for bytes torch.load cannot read, saying what they look like (a saved URL is common)."""
+    try:
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        text = ''
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        first = next((line.strip() for line in text.splitlines() if line.strip()), '')
+        return UserError(f"checkpoint '{path}' is a text file, not a PyTorch checkpoint (it begins {first[:80]!r}); "
+                         f"if that is a link, download the file it names.")
+    return UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({detail}).")
+
+
 def safe_load(path: str) -> Any:
-    """Load a checkpoint file without running pickled code; UserError for missing, corrupt or unsafe files."""
+    """Load a checkpoint file without running pickled code; UserError for missing, corrupt or unsafe files.
+
+    torch.save files are read weights-only; .safetensors files (timm's hub format) give their tensors
+    (read with the safetensors package: torch.load reads them only in recent PyTorch releases).
+    """
     if not os.path.exists(path):
         raise UserError(f"checkpoint '{path}' does not exist.")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' is not a file.")
-    if os.path.getsize(path) == 0:
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(256)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint '{path}': {e.strerror or e}.") from None
+    if size == 0:
         raise UserError(f"checkpoint '{path}' is empty (0 bytes); it is corrupt or was never written.")
+    if _is_safetensors(head, size):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device='cpu')
+        except Exception as e:  # the file's bytes decide what fails; every failure means a bad file
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"checkpoint '{path}' is a corrupt safetensors file ({first}).") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -48,10 +82,11 @@ def safe_load(path: str) -> Any:
                 f"when loaded ({globals_named[0]}). Only tensors, plain containers and argparse.Namespace are "
                 f"accepted; nothing from the file was executed.") from None
         detail = next((line.strip() for line in text.splitlines() if 'Unsupported' in line), text.splitlines()[0])
-        raise UserError(f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({detail}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({first}).") from None
+        raise _not_a_checkpoint(path, head, detail) from None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint '{path}': {e.strerror or e}.") from None
+    except Exception as e:  # weights-only loading runs no code: any other failure is in the file's bytes
+        raise _not_a_checkpoint(path, head, (str(e).splitlines() or [type(e).__name__])[0]) from None
 
 
 def _is_state_dict(obj: Any) -> bool:

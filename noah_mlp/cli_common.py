@@ -4,17 +4,27 @@ import contextlib
 import difflib
 import importlib
 import logging
+import numbers
 import os
 import sys
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import timm
+from timm.data import resolve_data_config
+from timm.layers import PatchEmbed
 
 from .errors import UserError
 
-__all__ = ['create_model_checked', 'is_mixer_family', 'resolve_device', 'amp_autocast', 'setup_logging',
-           'add_precision_args', 'prepare_runtime', 'cpu_cores', 'threads_per_process', 'default_loader_workers']
+__all__ = [
+    'create_model_checked', 'is_mixer_family', 'resolve_device', 'resolve_data_config_checked', 'amp_autocast',
+    'setup_logging', 'cpu_cores', 'threads_per_process', 'default_loader_workers', 'add_precision_args',
+    'prepare_runtime',
+]
+
+# model arguments that count something (pixels, channels, blocks, groups): a value below 1 cannot build a model
+_COUNT_ARGS = ('img_size', 'patch_size', 'embed_dim', 'num_blocks', 'depth', 'num_heads', 'in_chans',
+               'noah_head_num', 'mlp_ratio')
 
 _logger = logging.getLogger('noah_mlp')
 
@@ -29,11 +39,41 @@ def is_mixer_family(model_name: str) -> bool:
     return fn.__module__ in ('timm.models.mlp_mixer', 'noah_mlp.models.mlp_mixer')
 
 
-def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """timm.create_model, refusing an unknown name with close registered names as suggestions.
+def _check_model_kwargs(model_name: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse counts below 1 and rates outside [0, 1) before timm builds (or half-builds) the model."""
+    for key, value in kwargs.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        numbers_only = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+        if key in _COUNT_ARGS and numbers_only and not all(v > 0 for v in values):
+            raise UserError(f"model '{model_name}': {key} must be positive, got {value!r}.")
+        if key.endswith('_rate') and numbers_only and not all(0 <= v < 1 for v in values):
+            raise UserError(f"model '{model_name}': {key} must be a rate in [0, 1), got {value!r}.")
 
-    `noah_head=True` builds timm model `model_name` with its classifier replaced by a NOAH head
-    (`noah_mlp.add_noah_head`, through the `with_noah_head` entrypoint that config.json files name).
+
+def _patch_embed(model: torch.nn.Module) -> Optional[PatchEmbed]:
+    for name in ('stem', 'patch_embed'):
+        module = getattr(model, name, None)
+        if isinstance(module, PatchEmbed):
+            return module
+    return None
+
+
+def _check_patch_grid(model_name: str, model: torch.nn.Module) -> None:
+    embed = _patch_embed(model)
+    if embed is not None and embed.grid_size is not None and min(embed.grid_size) < 1:
+        size = 'x'.join(map(str, embed.img_size))
+        raise UserError(f"model '{model_name}': a {size} px image is smaller than its patch size "
+                        f"{'x'.join(map(str, embed.patch_size))}: raise --img-size or lower patch_size.")
+
+
+def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model with every failure caused by the arguments turned into one clear UserError.
+
+    An unknown name gets close registered names as suggestions; impossible architecture values
+    (counts below 1, rates outside [0, 1), an image smaller than a patch) and unreachable
+    pretrained weights are named. `noah_head=True` builds timm model `model_name` with its
+    classifier replaced by a NOAH head (`noah_mlp.add_noah_head`, through the `with_noah_head`
+    entrypoint that config.json files name).
     """
     import noah_mlp.models  # noqa: F401
     if not model_name:
@@ -51,25 +91,70 @@ def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any
             raise UserError(f'--noah-head: {model_name} already has a NOAH head; leave the flag out.')
         return create_model_checked('with_noah_head', backbone=model_name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    _check_model_kwargs(model_name, kwargs)
     try:
-        return timm.create_model(model_name, **kwargs)
+        model = timm.create_model(model_name, **kwargs)
     except TypeError as e:
         if 'img_size' in kwargs and 'img_size' in str(e):
             # models without an img_size argument (CNNs) take any input size
             kwargs.pop('img_size')
             return create_model_checked(model_name, **kwargs)
         raise UserError(f"model '{model_name}' does not accept these settings ({e}).") from None
-    except ValueError as e:
-        raise UserError(f"cannot build model '{model_name}': {e}") from None
+    except (OSError, RuntimeError) as e:
+        if not kwargs.get('pretrained'):
+            raise _build_error(model_name, e) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"cannot load the pretrained weights of '{model_name}': {first} Without network access, weights already "
+            f"in the Hugging Face cache load with HF_HUB_OFFLINE=1, or pass a local file with --initial-checkpoint."
+        ) from None
+    except (ValueError, ZeroDivisionError, AssertionError) as e:
+        raise _build_error(model_name, e) from None
+    _check_patch_grid(model_name, model)
+    return model
+
+
+def _build_error(model_name: str, e: BaseException) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"cannot build model '{model_name}' with these settings: {first}")
+
+
+def _fixed_input_size(model: torch.nn.Module) -> Optional[Tuple[int, int]]:
+    """(H, W) a model's patch embedding insists on (timm's strict_img_size), else None."""
+    embed = _patch_embed(model)
+    if embed is None or embed.img_size is None or not embed.strict_img_size or embed.dynamic_img_pad:
+        return None
+    return tuple(embed.img_size)
+
+
+def resolve_data_config_checked(args: Dict[str, Any], model: torch.nn.Module, model_name: str = '',
+                                use_test_size: bool = False) -> Dict[str, Any]:
+    """timm's resolve_data_config, refusing an input size the model cannot take (fixed-size patch models)."""
+    config = resolve_data_config(args, model=model, use_test_size=use_test_size, verbose=False)
+    fixed = _fixed_input_size(model)
+    height, width = config['input_size'][1:]
+    if fixed is not None and (height, width) != fixed:
+        name = model_name or type(model).__name__
+        raise UserError(
+            f"model '{name}' takes {fixed[0]}x{fixed[1]} px inputs (its token mixing is built for a fixed number "
+            f"of patches), but the input size is {height}x{width}: give one size with --img-size.")
+    return config
 
 
 def resolve_device(requested: Optional[str]) -> str:
     """'auto' (or empty) picks CUDA when present, else CPU; anything else is checked."""
     if not requested or requested == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    kind = requested.split(':')[0]
+    kind = torch.device(requested).type
     if kind == 'cuda' and not torch.cuda.is_available():
         raise UserError(f"device '{requested}' requested but CUDA is not available on this machine.")
+    if kind == 'mps':
+        available = torch.backends.mps.is_available()
+    else:
+        backend = getattr(torch, kind, None)
+        available = kind == 'cpu' or bool(getattr(backend, 'is_available', lambda: False)())
+    if not available:
+        raise UserError(f"device '{requested}' requested but it is not available on this machine.")
     return requested
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -42,7 +42,8 @@ from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    amp_autocast, create_model_checked, is_mixer_family, prepare_runtime, resolve_device, setup_logging)
+    amp_autocast, create_model_checked, is_mixer_family, prepare_runtime, resolve_data_config_checked, resolve_device,
+    setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -124,17 +125,6 @@ class Stopped(Exception):
 def _check_args(args: argparse.Namespace) -> None:
     for message in refused_in_use(build_parser(), args, REFUSED):
         raise UserError(message)
-    refused = [
-        (args.grad_accum_steps < 1, '--grad-accum-steps must be at least 1.'),
-        (args.batch_size < 1, '--batch-size must be at least 1.'),
-        (args.epochs < 1, '--epochs must be at least 1.'),
-        (args.checkpoint_hist < 1, '--checkpoint-hist must be at least 1.'),
-        (args.log_interval < 1, '--log-interval must be at least 1.'),
-        (args.val_interval < 1, '--val-interval must be at least 1.'),
-    ]
-    for bad, message in refused:
-        if bad:
-            raise UserError(message)
 
 
 def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
@@ -549,11 +539,12 @@ def _build_datasets(run: TrainRun) -> None:
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
         download=args.dataset_download, num_samples=args.train_num_samples,
         trust_remote_code=args.dataset_trust_remote_code, **keys)
-    run.dataset_eval = build_dataset(
+    run.labels = class_names(run.dataset_train)
+    run.dataset_eval = build_dataset(  # numbered by the training classes
         args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
         batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download,
-        num_samples=args.val_num_samples, trust_remote_code=args.dataset_trust_remote_code, **keys)
-    run.labels = class_names(run.dataset_train)
+        classes=run.labels, num_samples=args.val_num_samples, trust_remote_code=args.dataset_trust_remote_code,
+        **keys)
     if args.num_classes is None:
         if not run.labels:
             raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
@@ -588,7 +579,7 @@ def _build_model(run: TrainRun) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
 
-    run.data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    run.data_config = resolve_data_config_checked(vars(args), model, args.model)
     if args.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')

@@ -16,14 +16,17 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from timm.data import RealLabelsImagenet, create_loader, resolve_data_config
-from timm.utils import ParseKwargs, random_seed, reparameterize_model
+from timm.data import RealLabelsImagenet, create_loader
+from timm.utils import random_seed, reparameterize_model
 
 from .checkpoint import atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    add_precision_args, amp_autocast, create_model_checked, default_loader_workers, prepare_runtime, resolve_device,
+    add_precision_args, amp_autocast, create_model_checked, default_loader_workers, prepare_runtime,
+    resolve_data_config_checked, resolve_device,
     setup_logging)
-from .config import ArgumentParser, HelpFormatter
+from .config import (
+    INTERPOLATIONS, ArgumentParser, HelpFormatter, KeyValueAction, check_image_args, compile_backend, device_name,
+    non_negative_int, positive_float, positive_int, seed_int)
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
 from .train_args import prog_name, refused_in_use
@@ -50,18 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=prog_name('validate.py'),
                        description='Evaluate timm / NOAH image classifiers with timm validate.py flags. '
                                    'Every timm 1.0 flag is accepted; the few this script refuses say why.',
-                       formatter_class=HelpFormatter, usage='%(prog)s [DIR] --model NAME [--checkpoint PATH] [options]')
+                       formatter_class=HelpFormatter, usage='%(prog)s [DIR] --model NAME [--checkpoint PATH] [options]',
+                       checks=[check_image_args])
     p.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder with val/ or validation/)')
     p.add_argument('--data-dir', metavar='DIR', default=None, help='dataset root (instead of the positional DIR)')
     p.add_argument('--dataset', metavar='NAME', default='', help='timm dataset spec (empty: ImageFolder)')
     p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (val/ and validation/ both match)')
-    p.add_argument('--num-samples', type=int, default=None, metavar='N',
+    p.add_argument('--num-samples', type=positive_int, default=None, metavar='N',
                    help='images in the split, for iterable (wds/tfds/hfids) datasets')
     p.add_argument('--dataset-download', action='store_true', default=False,
                    help='let torch/ and tfds/ datasets download themselves')
     p.add_argument('--class-map', default='', metavar='FILE', help='file mapping class names to indices')
     p.add_argument('--input-key', default=None, metavar='KEY', help='image field of hfds/hfids/wds datasets')
-    p.add_argument('--input-img-mode', default='RGB', metavar='MODE', help='PIL mode images are converted to')
+    p.add_argument('--input-img-mode', default=None, metavar='MODE', help='PIL mode (default: L for 1 channel, else RGB)')
     p.add_argument('--target-key', default=None, metavar='KEY', help='label field of hfds/hfids/wds datasets')
     p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
                    help="let a Hugging Face dataset run its repository's loading code")
@@ -74,37 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False,
                    help="evaluate the checkpoint's EMA weights (an error if it has none)")
-    p.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: from the checkpoint, else the model')
+    p.add_argument('--num-classes', type=positive_int, default=None, metavar='N', help='default: from the checkpoint, else the model')
     p.add_argument('--gp', default=None, metavar='POOL', help='global pool type (timm models that have one)')
-    p.add_argument('--img-size', default=None, type=int, metavar='N', help='evaluate (and build the model) at N px')
-    p.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default 3)')
-    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+    p.add_argument('--img-size', default=None, type=positive_int, metavar='N', help='evaluate (and build the model) at N px')
+    p.add_argument('--in-chans', type=positive_int, default=None, metavar='N', help='input channels (default 3)')
+    p.add_argument('--input-size', default=None, nargs=3, type=positive_int, metavar='N',
                    help='channels, height, width (e.g. 3 224 224); overrides --img-size')
     p.add_argument('--use-train-size', action='store_true', default=False,
                    help="use the model's training input size even where its config names a test size")
-    p.add_argument('--crop-pct', default=None, type=float, metavar='PCT', help='centre-crop ratio (NOAH release: 0.9)')
-    p.add_argument('--crop-mode', default=None, type=str, metavar='MODE', help='center, squash or border')
-    p.add_argument('--crop-border-pixels', type=int, default=None, metavar='N', help='crop N pixels off every border first')
+    p.add_argument('--crop-pct', default=None, type=positive_float, metavar='PCT', help='centre-crop ratio (NOAH release: 0.9)')
+    p.add_argument('--crop-mode', choices=('center', 'squash', 'border'), default=None, type=str, metavar='MODE', help='center, squash or border')
+    p.add_argument('--crop-border-pixels', type=non_negative_int, default=None, metavar='N', help='crop N pixels off every border first')
     p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='normalisation mean per channel')
-    p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std per channel')
-    p.add_argument('--interpolation', default='', type=str, metavar='NAME', help="resize interpolation (default: the model's)")
-    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size')
-    p.add_argument('-j', '--workers', default=default_loader_workers(), type=int, metavar='N',
+    p.add_argument('--std', type=positive_float, nargs='+', default=None, metavar='STD', help='normalisation std per channel')
+    p.add_argument('--interpolation', choices=('',) + INTERPOLATIONS, default='', type=str, metavar='NAME', help="resize interpolation (default: the model's)")
+    p.add_argument('-b', '--batch-size', default=256, type=positive_int, metavar='N', help='batch size')
+    p.add_argument('-j', '--workers', default=default_loader_workers(), type=non_negative_int, metavar='N',
                    help='data-loader processes; the default fits the machine: min(4, cores - 1)')
-    p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs, metavar='KEY=VALUE',
+    p.add_argument('--model-kwargs', nargs='*', default=None, action=KeyValueAction, metavar='KEY=VALUE',
                    help="model arguments (default: the checkpoint's training arguments)")
-    p.add_argument('--device', default='auto', help='auto: CUDA when present, else CPU')
+    p.add_argument('--device', type=device_name, default='auto', help='auto: CUDA when present, else CPU')
     add_precision_args(p)
     p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
     p.add_argument('--reparam', action='store_true', default=False,
                    help="fold re-parameterisable blocks (timm's reparameterize_model; no change for MLP models)")
-    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+    p.add_argument('--torchcompile', nargs='?', type=compile_backend, default=None, const='inductor', metavar='BACKEND',
                    help='torch.compile the model with this backend (inductor when given alone)')
     p.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE', help='torch.compile mode')
     p.add_argument('--no-prefetcher', action='store_true', default=False, help="no timm prefetcher (normalise on the host)")
     p.add_argument('--pin-mem', action='store_true', default=False, help='pin host memory in the data loader')
-    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='log every N batches')
-    p.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (a model without weights starts from it)')
+    p.add_argument('--log-freq', default=10, type=positive_int, metavar='N', help='log every N batches')
+    p.add_argument('--seed', type=seed_int, default=42, metavar='S', help='random seed (a model without weights starts from it)')
     p.add_argument('--results-file', default='', metavar='FILE', help='write the results to FILE')
     p.add_argument('--results-format', default='json', choices=['json', 'csv'],
                    help='--results-file format (timm writes csv by default; json is kept here for existing users)')
@@ -250,11 +254,16 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     ckpt = safe_load(args.checkpoint) if args.checkpoint else None
     kwargs, img_size = _model_kwargs(args, _arch_from_checkpoint(ckpt))
+    trained_classes = ckpt.get('class_names') if isinstance(ckpt, dict) else None  # recorded by noah-train
+    if not (isinstance(trained_classes, (list, tuple)) and trained_classes
+            and all(isinstance(n, str) for n in trained_classes)):
+        trained_classes = None
     device = torch.device(resolve_device(args.device))
     dataset = build_dataset(
         args.dataset, data_dir, args.split, is_training=False, class_map=args.class_map,
         input_img_mode=args.input_img_mode, download=args.dataset_download, num_samples=args.num_samples,
-        trust_remote_code=args.dataset_trust_remote_code,
+        trust_remote_code=args.dataset_trust_remote_code, classes=trained_classes,
+        classes_from=f"checkpoint '{args.checkpoint}'",
         **{k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None})
 
     model = create_model_checked(args.model, **kwargs)
@@ -273,7 +282,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data_cfg_args = dict(vars(args))
     if img_size is not None:
         data_cfg_args['img_size'] = img_size
-    data_config = resolve_data_config(data_cfg_args, model=model, use_test_size=not args.use_train_size, verbose=False)
+    data_config = resolve_data_config_checked(data_cfg_args, model, args.model, use_test_size=not args.use_train_size)
     model.to(device=device, dtype=model_dtype).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -80,7 +80,9 @@ def default_class_names(num_classes: int) -> Optional[List[str]]:
 
 def _label(class_names: Optional[Sequence[str]], index: int) -> str:
     if class_names is not None and 0 <= index < len(class_names):
-        name = class_names[index]
+        # a folder name that is not UTF-8 reaches Python with surrogate escapes, which no font draws:
+        # show its undecodable bytes as \xNN
+        name = str(class_names[index]).encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
         return name if name == str(index) else f'{name} ({index})'
     return f'class {index}'
 

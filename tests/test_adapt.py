@@ -78,8 +78,10 @@ def reference_logits(head, tokens):
     ck = int(C * head.key_ratio)
     xk = tokens[..., :ck].reshape(B, L, N, -1)
     xv = tokens[..., ck:].reshape(B, L, N, -1)
-    q = torch.einsum('blnd,nkd->bnkl', xk, head.query.weight.reshape(N, K, -1)) + head.query.bias.reshape(N, K)[..., None]
-    v = torch.einsum('blnd,nkd->bnkl', xv, head.value.weight.reshape(N, K, -1)) + head.value.bias.reshape(N, K)[..., None]
+    wq, bq = head.query.weight.reshape(N, K, -1), head.query.bias.reshape(N, K, 1)
+    wv, bv = head.value.weight.reshape(N, K, -1), head.value.bias.reshape(N, K, 1)
+    q = torch.einsum('blnd,nkd->bnkl', xk, wq) + bq
+    v = torch.einsum('blnd,nkd->bnkl', xv, wv) + bv
     return (q.softmax(-1) * v).sum(dim=(1, 3))
 
 
@@ -109,7 +111,8 @@ def test_pre_logits_stay_timms_pooled_embedding(family):
     model.eval(), stock.eval()
     with torch.no_grad():
         feats = model.forward_features(x)
-        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), stock.forward_head(feats, pre_logits=True))
+        expected = stock.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), expected)
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
@@ -247,3 +250,24 @@ def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     assert type(copied) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(copied(x), model(x))
+
+
+def test_noah_class_builds_a_model_from_the_timm_class_arguments():
+    from timm.models.resnet import BasicBlock, ResNet
+    from noah_mlp.adapt import noah_class
+    model = noah_class(ResNet)(block=BasicBlock, layers=(1, 1, 1, 1), num_classes=5, noah_head_num=2, key_ratio=0.25)
+    assert type(model).timm_class is ResNet and noah_class(ResNet) is type(model)
+    assert (model.noah_head.num_heads, model.noah_head.key_ratio, model.noah_head.num_classes) == (2, 0.25, 5)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_with_noah_head_starts_from_a_stock_checkpoint(tmp_path):
+    name, kwargs, size, _ = FAMILIES['regnet']
+    stock = timm.create_model(name, **kwargs).eval()
+    torch.save(stock.state_dict(), tmp_path / 'stock.pth')
+    model = timm.create_model('with_noah_head', backbone=name, pretrained=True, num_classes=4, **kwargs,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'stock.pth'))).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), stock.forward_features(x))
+    assert model.noah_head.num_classes == 4

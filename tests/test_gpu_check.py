@@ -38,8 +38,8 @@ def test_smoke_mode_runs_every_check_on_cpu(tmp_path):
         if r['status'] == 'PASS':
             passed.setdefault(r['check'], []).append(r['item'])
     assert len([i for i in passed['formula'] if 'head families' in i]) == 3  # fp32, bf16, fp16
-    assert len([i for i in passed['formula'] if 'dropout' in i]) == 4
-    assert len(passed['sdpa']) == 5
+    assert len([i for i in passed['formula'] if 'dropout' in i]) == 6  # 3 dtypes x 2 head layouts
+    assert len(passed['sdpa']) == 7  # 3 dtypes x dropout on/off, broadcast queries
     assert [i for i in passed['train'] if i.startswith('validate.py')] == [
         'validate.py --use-ema after "distributed_train.sh 2 (gloo) + bf16 amp + channels-last + EMA"']
     skipped = ' '.join(r['item'] + r['detail'] for r in rows if r['status'] == 'SKIP')

@@ -34,6 +34,12 @@ def test_registry_lists_the_cnn_and_deit_rows():
     listed = set(timm.list_models('noah_*')) - set(timm.list_models('noah_*', module='mlp_mixer'))
     assert sorted(listed) == BEYOND
     assert timm.is_model('deit_tiny_075_patch16_224') and timm.is_model('deit_tiny_050_patch16_224')
+    # each family is listed where timm lists its stock models (timm registers mobilenetv2_* in efficientnet)
+    widths = ('035', '050', '075', '100')
+    assert timm.list_models('noah_*', module='efficientnet') == [f'noah_mobilenetv2_{w}' for w in widths]
+    assert timm.list_models('noah_*', module='resnet') == [f'noah_resnet{d}' for d in (18, 50, 101, 152)]
+    assert timm.list_models('noah_*', module='mobilenetv3') == ['noah_mobilenetv3_small_100']
+    assert len(timm.list_models('noah_deit_*', module='vision_transformer')) == 5
 
 
 @pytest.mark.parametrize('name', sorted({**PUBLISHED, **DIFFERENT}))
@@ -199,4 +205,5 @@ def test_authors_deit_checkpoints_load_with_equal_logits(name, embed, hidden, tm
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
     if hidden:
         with pytest.raises(UserError, match=f'noah_hidden_size={hidden}'):
-            timm.create_model(name, pretrained=True, **tiny, pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+            timm.create_model(name, pretrained=True, **tiny,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=10))

@@ -5,6 +5,7 @@ lists the NOAH Mixer / ResMLP / gMLP twins next to timm's own), so timm's module
 tests find them where they find the stock siblings.
 """
 from .mlp_mixer import BASELINE_MODEL_ARGS, NOAH_MODEL_ARGS, NoahMlpMixer
-from . import adapted, efficientnet, mobilenetv3, resnet, vision_transformer  # noqa: F401  (register noah_* CNNs / DeiTs)
+# register the NOAH CNN / DeiT rows and the with_noah_head entrypoint
+from . import adapted, efficientnet, mobilenetv3, resnet, vision_transformer  # noqa: F401
 
 __all__ = ['BASELINE_MODEL_ARGS', 'NOAH_MODEL_ARGS', 'NoahMlpMixer']

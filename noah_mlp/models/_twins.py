@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg, list_pretrained, load_pretrained
+from timm.models import get_pretrained_cfg, load_pretrained
+from timm.models._registry import get_arch_pretrained_cfgs
 
 from ..adapt import HEAD_ARGS, noah_class, noah_head_filter
 
@@ -28,7 +29,7 @@ def sibling_cfgs(variant: str, sibling: str, **overrides: Any) -> Dict[str, Dict
     Without published weights, one cfg with the sibling's preprocessing (or `overrides`) and no source.
     """
     out = {}
-    for name in list_pretrained(f'{sibling}.*'):
+    for name in get_arch_pretrained_cfgs(sibling):  # timm's order: the default tag first
         cfg = get_pretrained_cfg(name).to_dict()
         cfg.pop('architecture', None)
         cfg.pop('tag', None)
