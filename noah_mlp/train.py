@@ -554,9 +554,9 @@ def _build_datasets(run: TrainRun) -> None:
         raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
     elif run.labels and len(run.labels) != args.num_classes:
         _logger.warning(
-            f'warning: num_classes is {args.num_classes} (command line or --config) but the dataset has '
-            f'{len(run.labels)} classes: the model gets {args.num_classes - len(run.labels)} outputs no image is '
-            f'labelled with. Leave num_classes out to use the dataset\'s count.')
+            f'warning: --num-classes {args.num_classes} but the dataset has {len(run.labels)} classes (num_classes '
+            f'from the command line or --config): the model gets {args.num_classes - len(run.labels)} outputs no '
+            f'image is labelled with. Leave num_classes out to use the dataset\'s count.')
 
 
 def _build_model(run: TrainRun) -> None:

@@ -42,7 +42,7 @@ def test_wandb_offline_val_interval_ema_label_and_class_warning(data, tmp_path):
     assert rows[1]['eval_top1'] != '' and rows[2]['ema_eval_top1'] != ''
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(exp, 'checkpoint-*.pth.tar'))) == [
         'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
-    assert 'warning: num_classes is 5 (command line or --config) but the dataset has 3 classes' in res.stdout
+    assert 'warning: --num-classes 5 but the dataset has 3 classes (num_classes from the command line or --config)' in res.stdout
     assert '*** Best metric (EMA weights): top1 ' in res.stdout
     # the offline W&B run (in the run's folder) holds one history row per epoch, equal to summary.csv's
     files = glob.glob(os.path.join(exp, 'wandb', 'offline-run-*', 'run-*.wandb'))
