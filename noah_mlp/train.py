@@ -43,7 +43,8 @@ from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    amp_autocast, create_model_checked, is_mixer_family, resolve_data_config_checked, resolve_device, setup_logging)
+    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, resolve_data_config_checked,
+    resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
@@ -595,12 +596,10 @@ def _build_model(run: TrainRun) -> None:
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
         _logger.warning(f'note: {n}')
-    model = create_model_checked(args.model, noah_head=args.noah_head, **model_kwargs)
+    model = create_model_checked(args.model, noah_head=args.noah_head, pretrained_path=args.pretrained_path,
+                                 **model_kwargs)
     if args.initial_checkpoint:
-        ckpt = safe_load(args.initial_checkpoint)
-        sd = extract_state_dict(ckpt, use_ema=True, path=args.initial_checkpoint)
-        check_compatible(model, sd, args.initial_checkpoint, args.model)
-        model.load_state_dict(sd)
+        load_initial_weights(model, args.initial_checkpoint, args.model)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
     if run.primary:
         n_params = sum(p.numel() for p in model.parameters())
@@ -1076,7 +1075,8 @@ def _save_hf(args, output_dir: str, labels) -> None:
     if not os.path.isfile(best):
         best = os.path.join(output_dir, 'last.pth.tar')
     ckpt = safe_load(best)
-    model = create_model_checked(args.model, noah_head=args.noah_head, **_model_args(args, []))
+    model = create_model_checked(  # its weights: the checkpoint
+        args.model, noah_head=args.noah_head, **dict(_model_args(args, []), pretrained=False))
     use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
     sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
     check_compatible(model, sd, best, args.model)

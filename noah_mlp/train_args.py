@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help="load FILE as the model's pretrained weights, head adapted (implies --pretrained)")
     g.add_argument('--noah-head', action='store_true', default=False,
                    help='replace the classifier of any timm --model by a NOAH head (noah_mlp.add_noah_head)')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH', help='load these weights before training')

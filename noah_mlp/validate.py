@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', '-m', default='', metavar='NAME')
     p.add_argument('--checkpoint', default='', metavar='PATH')
     p.add_argument('--pretrained', action='store_true', default=False)
+    p.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help="load FILE as the model's pretrained weights (implies --pretrained)")
     p.add_argument('--noah-head', action='store_true', default=False,
                    help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA weights of the checkpoint')
@@ -120,7 +122,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         classes_from=f"checkpoint '{args.checkpoint}'")
 
     noah_head = args.noah_head or (same_arch and bool(train_args.get('noah_head')))
-    model = create_model_checked(args.model, noah_head=noah_head, **kwargs)
+    model = create_model_checked(args.model, noah_head=noah_head, pretrained_path=args.pretrained_path,
+                                 adapt_pretrained_head=False, **kwargs)
     if ckpt is not None:
         sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
         if args.use_ema and not (isinstance(ckpt, dict) and ('state_dict_ema' in ckpt or 'model_ema' in ckpt)):
