@@ -48,6 +48,12 @@ done
 if [[ " ${TORCHRUN_ARGS:-} " == *"--nnodes"* || " ${TORCHRUN_ARGS:-} " == *"--rdzv"* || " ${TORCHRUN_ARGS:-} " == *"--master"* ]]; then
     MULTI_NODE=1
 fi
+# the command as typed, for the resume command a stopped run prints (noah_mlp.launch.launch_command)
+NOAH_MLP_LAUNCH="$(printf '%q ' bash "$0" "$NUM_PROC" "${TORCHRUN_OPTS[@]}")"
+if [ -n "${TORCHRUN_ARGS:-}" ]; then
+    NOAH_MLP_LAUNCH="TORCHRUN_ARGS=$(printf '%q' "$TORCHRUN_ARGS") $NOAH_MLP_LAUNCH"
+fi
+export NOAH_MLP_LAUNCH
 if [ "$MULTI_NODE" -eq 0 ] && [[ " ${TORCHRUN_OPTS[*]:-} " != *" --standalone "* ]]; then
     TORCHRUN_OPTS+=(--standalone)
 fi

@@ -72,6 +72,10 @@ CUDA_BRANCHES = [
     ('noah_mlp/train.py', 'SyncBatchNorm', 'train (distributed --sync-bn, from 2 GPUs)'),
     ('noah_mlp/validate.py', "device.type == 'cuda' else 'bfloat16'", 'train (validate.py --amp without a dtype)'),
     ('noah_mlp/validate.py', 'pin_memory', 'train (validate.py --pin-mem)'),
+    ('noah_mlp/rng.py', 'torch.cuda.is_initialized()', 'train (every checkpoint of a CUDA run holds its CUDA generator)'),
+    ('noah_mlp/rng.py', "state['cuda'] = torch.cuda.get_rng_state()", 'train (the same)'),
+    ('noah_mlp/rng.py', "if 'cuda' in state", 'train (the --resume run restores the CUDA generator)'),
+    ('noah_mlp/rng.py', "torch.cuda.set_rng_state(state['cuda'])", 'train (the same)'),
 ]
 # names in code (not in docstrings, comments or messages) that mark a CUDA-only path
 CUDA_PATTERNS = re.compile(r"cuda|nccl|NativeScaler|GradScaler|pin_mem|sync_bn|SyncBatchNorm|init_distributed",
@@ -331,8 +335,9 @@ def _last_summary_row(exp_dir: str) -> Dict[str, str]:
     return rows[-1] if rows else {}
 
 
-def training_runs(device: torch.device, smoke: bool) -> List[Tuple[str, List[str], List[str], List[str]]]:
-    """(name, launcher, extra train.py args, log lines that must appear) of each training run."""
+def training_runs(device: torch.device, smoke: bool, runs_dir: str = 'runs') -> List[Tuple[str, List[str], List[str], List[str]]]:
+    """(name, launcher, extra train.py args, log lines that must appear) of each training run; run{i} writes
+    to `runs_dir`/run{i}."""
     py = [sys.executable, os.path.join(REPO, 'train.py')]
     if device.type != 'cuda':  # one run through the launcher; tests/test_train.py covers the CPU paths in depth
         return [
@@ -354,6 +359,9 @@ def training_runs(device: torch.device, smoke: bool) -> List[Tuple[str, List[str
         (f'distributed_train.sh {ngpu} (NCCL)' + (' + sync-bn' if ngpu >= 2 else ''),
          ['bash', os.path.join(REPO, 'distributed_train.sh'), str(ngpu)], dist_extra + ['--workers', '2'],
          dist_expect),
+        ('--resume of the fp16 run for one more epoch (RNG state, CUDA generator included, restored)', py,
+         ['--amp', '--amp-dtype', 'float16', '--model-ema', '--resume', os.path.join(runs_dir, 'run1', 'last.pth.tar'),
+          '--epochs', str((1 if smoke else 2) + 1)], ['continuing at epoch']),
     ]
 
 
@@ -363,7 +371,7 @@ def check_training(rep: Report, device: torch.device, smoke: bool, work: str) ->
     data = os.path.join(work, 'digits')
     write_digits_dataset(data, limit=240 if smoke else None)
     epochs = 1 if smoke else 2
-    runs = training_runs(device, smoke)
+    runs = training_runs(device, smoke, os.path.join(work, 'runs'))
     if device.type == 'cuda' and torch.cuda.device_count() < 2:
         rep.add('SKIP', 'train', 'NCCL DDP, DDP device_ids and --sync-bn',
                 f'need 2+ GPUs, this machine has {torch.cuda.device_count()} (the distributed run is one process)')

@@ -4,15 +4,18 @@ Reading never executes pickled code: files are opened with ``torch.load(weights_
 (``argparse.Namespace`` allow-listed, as timm's training checkpoints hold one), and a file that
 needs anything else is refused. Writing goes to a temporary file in the target folder, is flushed
 and fsynced, then renamed over the target, so a kill at any moment leaves either the old or the
-new file, both complete.
+new file, both complete. Written files get the permissions the umask allows (as ``open`` would).
 """
 import argparse
+import logging
+import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
@@ -21,8 +24,10 @@ from .errors import UserError
 
 __all__ = [
     'safe_load', 'extract_state_dict', 'load_weights', 'check_compatible', 'atomic_save', 'atomic_write_text',
-    'atomic_copy', 'AtomicCheckpointSaver',
+    'atomic_copy', 'read_checkpoint_header', 'AtomicCheckpointSaver',
 ]
+
+_logger = logging.getLogger('noah_mlp.checkpoint')
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -174,12 +179,25 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_name_pattern(name_pattern: str) -> str:
+    """Regex of the temporary files `_atomic_write` uses for a target whose name matches `name_pattern`."""
+    return r'\.(?:' + name_pattern + r')\.[A-Za-z0-9_]+\.tmp'
+
+
 def _atomic_write(path: str, write_fn) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # named as temp_name_pattern() describes, so that a later run can recognise what a kill left behind
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
+            os.fchmod(f.fileno(), _umask_file_mode())  # mkstemp creates 0600
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -210,14 +228,36 @@ def atomic_copy(src: str, dst: str) -> None:
     _atomic_write(dst, _copy)
 
 
+def read_checkpoint_header(path: str) -> Optional[Dict[str, Any]]:
+    """The entries of a training checkpoint other than tensors and state dicts (epoch, metric, ...), read
+    through a memory map so that the weights are not read; None if the file is missing or unreadable."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is "no usable checkpoint here"
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    return {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver with every write atomic.
+    """timm's CheckpointSaver with every write atomic and nothing outside its run folder ever touched.
 
     timm writes ``tmp.pth.tar`` without fsync, unlinks the target before renaming, and hard links
     ``model_best`` / ``checkpoint-N``. Here each checkpoint is written through a fsynced temporary
     file and renamed over its target (never unlinked first), and copies are real files written the
     same way, so ``last``, ``model_best`` and ``checkpoint-N`` are complete at every moment.
-    Extra entries (scheduler state, update counter) come from `extra_state`, a callable.
+    Extra entries (scheduler state, update counter, RNG state) come from `extra_state`, a callable.
+
+    The history read back from a checkpoint on resume only names files; entries that are not this
+    run's own ``checkpoint-N.pth.tar`` (absolute paths, ``../``, other names) are dropped with a
+    warning, and ``model_best.pth.tar`` is checked against the recorded best epoch (a crash during
+    its copy is repaired from ``checkpoint-N``, or the best is taken from the file that is there).
     """
 
     def __init__(self, *args, extra_state=None, **kwargs):
@@ -225,7 +265,24 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.extra_state = extra_state
         self.can_hardlink = False
         self._recovery_meta = None
+        self._writing: Optional[Tuple[int, Optional[int]]] = None
+        self.newest_complete: Optional[Tuple[str, int, Optional[int]]] = None  # (path, epoch, recovery step)
 
+    # ----------------------------------------------------------------------------------- names
+    def _checkpoint_name_re(self) -> str:
+        return re.escape(self.save_prefix) + r'-\d+' + re.escape(self.extension)
+
+    def _recovery_name_re(self) -> str:
+        return re.escape(self.recovery_prefix) + r'-(\d+)-(\d+)' + re.escape(self.extension)
+
+    def own_file_re(self) -> str:
+        """Regex of every file name this saver writes (a run folder's checkpoints and their temporaries)."""
+        ext = re.escape(self.extension)
+        names = [self._checkpoint_name_re(), self._recovery_name_re().replace('(', '(?:'),
+                 r'(?:last|model_best|tmp)' + ext, re.escape(self.recovery_prefix) + '_tmp' + ext]
+        return '|'.join(names)
+
+    # ----------------------------------------------------------------------------------- writing
     def _save(self, save_path, epoch, metric=None):
         # timm's training-checkpoint layout (see docs/checkpoints.md), written atomically
         state = {
@@ -245,17 +302,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
             state['metric'] = metric
         state['saver'] = self.state_dict(epoch, metric)
         if self.extra_state is not None:
-            state.update(self.extra_state())
+            state.update(self.extra_state(recovery=self._recovery_meta is not None))
         if self._recovery_meta is not None:
             state.update(self._recovery_meta)
+        self._writing = (epoch, self._recovery_meta['recovery_batch_idx'] if self._recovery_meta else None)
         atomic_save(state, save_path)
 
     def _replace(self, src, dst):
         os.replace(src, dst)
         _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        if self._writing is not None:
+            self.newest_complete = (dst, *self._writing)
+            self._writing = None
 
     def _duplicate(self, src, dst):
         atomic_copy(src, dst)
+
+    def save_checkpoint(self, epoch, metric=None):
+        """timm's save_checkpoint; then recovery checkpoints of this epoch and earlier are superseded."""
+        result = super().save_checkpoint(epoch, metric)
+        self.remove_recoveries(up_to_epoch=epoch)
+        return result
 
     def save_recovery(self, epoch, batch_idx=0):
         """Write ``recovery-{epoch}-{batch}.pth.tar``, marked as written in the middle of `epoch`; returns its path."""
@@ -265,3 +332,88 @@ class AtomicCheckpointSaver(CheckpointSaver):
         finally:
             self._recovery_meta = None
         return self.curr_recovery_file
+
+    def describe_newest_complete(self) -> str:
+        if self.newest_complete is None:
+            return 'no checkpoint was written yet'
+        path, epoch, step = self.newest_complete
+        where = f'epoch {epoch}' + (f', interrupted after step {step + 1}' if step is not None else '')
+        return f'the newest complete checkpoint is {path} ({where})'
+
+    # ----------------------------------------------------------------------------------- cleaning
+    def _remove(self, name: str) -> None:
+        try:
+            os.remove(os.path.join(self.checkpoint_dir, name))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_files(self) -> List[str]:
+        """Remove what kills left in the run folder: this saver's temporaries (``.NAME.XXXX.tmp``) and the
+        intermediate ``tmp`` / ``recovery_tmp`` files. Call only while holding the run folder's lock."""
+        ext = re.escape(self.extension)
+        stale = re.compile(temp_name_pattern(self.own_file_re() + r'|summary\.csv|args\.yaml') + '|' +
+                           r'tmp' + ext + '|' + re.escape(self.recovery_prefix) + '_tmp' + ext)
+        removed = [n for n in sorted(os.listdir(self.checkpoint_dir)) if stale.fullmatch(n)]
+        for name in removed:
+            self._remove(name)
+        return removed
+
+    def remove_recoveries(self, up_to_epoch: int, keep: str = '') -> List[str]:
+        """Remove recovery checkpoints of epochs <= `up_to_epoch` (a finished epoch supersedes them)."""
+        pattern = re.compile(self._recovery_name_re())
+        keep = os.path.abspath(keep) if keep else ''
+        removed = []
+        for name in sorted(os.listdir(self.recovery_dir)):
+            m = pattern.fullmatch(name)
+            path = os.path.abspath(os.path.join(self.recovery_dir, name))
+            if m and int(m.group(1)) <= up_to_epoch and path != keep:
+                os.remove(path)
+                removed.append(name)
+        for attr in ('curr_recovery_file', 'prev_recovery_file'):
+            if getattr(self, attr) and not os.path.exists(getattr(self, attr)):
+                setattr(self, attr, '')
+        return removed
+
+    # ----------------------------------------------------------------------------------- resuming
+    def load_state_dict(self, state_dict):
+        """timm's history restore, keeping only entries that name this run's own checkpoint-N files."""
+        state = dict(state_dict) if isinstance(state_dict, dict) else {}
+        own = re.compile(self._checkpoint_name_re())
+        kept = []
+        for entry in state.get('checkpoint_files') or []:
+            ok = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+                and own.fullmatch(entry[0]) is not None and (entry[1] is None or _is_number(entry[1]))
+            if ok:
+                kept.append((entry[0], entry[1]))
+            else:
+                _logger.warning(f'warning: ignored checkpoint history entry {entry!r} from the resumed checkpoint: '
+                                f'not a {self.save_prefix}-N{self.extension} file of this run folder.')
+        state['checkpoint_files'] = kept
+        pending = state.get('pending')
+        if not (isinstance(pending, (tuple, list)) and len(pending) == 2 and isinstance(pending[0], int)
+                and (pending[1] is None or _is_number(pending[1]))):
+            state['pending'] = (None, None)
+        if not (isinstance(state.get('best_epoch'), int) and _is_number(state.get('best_metric'))):
+            state['best_epoch'] = state['best_metric'] = None
+        super().load_state_dict(state)
+        self._reconcile_best_file()
+
+    def _reconcile_best_file(self) -> None:
+        """Make the recorded best epoch and ``model_best.pth.tar`` agree (a crash or a full disk during the
+        copy leaves the old file): repair it from the best ``checkpoint-N``, else believe the file."""
+        best_path = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
+        on_disk = read_checkpoint_header(best_path)
+        disk_epoch = on_disk.get('epoch') if on_disk else None
+        if self.best_epoch is None or disk_epoch == self.best_epoch:
+            return
+        source = self._checkpoint_path(self.best_epoch)
+        if os.path.isfile(source) and (read_checkpoint_header(source) or {}).get('epoch') == self.best_epoch:
+            atomic_copy(source, best_path)
+            _logger.warning(f'note: {best_path} held epoch {disk_epoch}, not the best epoch {self.best_epoch}: '
+                            f'restored it from {source}.')
+        elif on_disk is not None and isinstance(disk_epoch, int) and _is_number(on_disk.get('metric')):
+            _logger.warning(f'note: best epoch {self.best_epoch} is not on disk any more; the best is '
+                            f'{best_path} (epoch {disk_epoch}).')
+            self.best_epoch, self.best_metric = disk_epoch, on_disk['metric']
+        else:
+            self.best_epoch = self.best_metric = None

@@ -14,12 +14,13 @@ import timm
 from timm.data import resolve_data_config
 from timm.layers import PatchEmbed
 
+from .checkpoint import check_compatible, extract_state_dict, safe_load
 from .errors import UserError
 
 __all__ = [
-    'create_model_checked', 'is_mixer_family', 'resolve_device', 'resolve_data_config_checked', 'amp_autocast',
-    'setup_logging', 'cpu_cores', 'threads_per_process', 'default_loader_workers', 'add_precision_args',
-    'prepare_runtime',
+    'create_model_checked', 'is_mixer_family', 'load_initial_weights', 'resolve_device', 'resolve_data_config_checked',
+    'amp_autocast', 'setup_logging', 'cpu_cores', 'threads_per_process', 'default_loader_workers',
+    'add_precision_args', 'prepare_runtime',
 ]
 
 # model arguments that count something (pixels, channels, blocks, groups): a value below 1 cannot build a model
@@ -66,14 +67,19 @@ def _check_patch_grid(model_name: str, model: torch.nn.Module) -> None:
                         f"{'x'.join(map(str, embed.patch_size))}: raise --img-size or lower patch_size.")
 
 
-def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any) -> torch.nn.Module:
+def create_model_checked(
+        model_name: str, noah_head: bool = False, pretrained_path: Optional[str] = None,
+        adapt_pretrained_head: bool = True, **kwargs: Any,
+) -> torch.nn.Module:
     """timm.create_model with every failure caused by the arguments turned into one clear UserError.
 
     An unknown name gets close registered names as suggestions; impossible architecture values
     (counts below 1, rates outside [0, 1), an image smaller than a patch) and unreachable
     pretrained weights are named. `noah_head=True` builds timm model `model_name` with its
     classifier replaced by a NOAH head (`noah_mlp.add_noah_head`, through the `with_noah_head`
-    entrypoint that config.json files name).
+    entrypoint that config.json files name). `pretrained_path` loads a file as the pretrained
+    weights (timm's --pretrained-path); with `adapt_pretrained_head` its classifier is dropped and
+    the model's own head starts fresh, as in timm's train.py (validation keeps a head that fits).
     """
     import noah_mlp.models  # noqa: F401
     if not model_name:
@@ -89,27 +95,28 @@ def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any
     if noah_head:
         if base.startswith('noah_'):
             raise UserError(f'--noah-head: {model_name} already has a NOAH head; leave the flag out.')
-        return create_model_checked('with_noah_head', backbone=model_name, **kwargs)
+        return create_model_checked('with_noah_head', pretrained_path=pretrained_path,
+                                    adapt_pretrained_head=adapt_pretrained_head, backbone=model_name, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     _check_model_kwargs(model_name, kwargs)
+    if pretrained_path:
+        kwargs.update(_pretrained_path_kwargs(pretrained_path, adapt_pretrained_head))
     try:
         model = timm.create_model(model_name, **kwargs)
     except TypeError as e:
         if 'img_size' in kwargs and 'img_size' in str(e):
             # models without an img_size argument (CNNs) take any input size
             kwargs.pop('img_size')
-            return create_model_checked(model_name, **kwargs)
+            return create_model_checked(model_name, noah_head, pretrained_path, adapt_pretrained_head, **kwargs)
         raise UserError(f"model '{model_name}' does not accept these settings ({e}).") from None
     except (OSError, RuntimeError) as e:
         if not kwargs.get('pretrained'):
             raise _build_error(model_name, e) from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"cannot load the pretrained weights of '{model_name}': {first} Without network access, weights already "
-            f"in the Hugging Face cache load with HF_HUB_OFFLINE=1, or pass a local file with --initial-checkpoint."
-        ) from None
+        raise _pretrained_error(model_name, e) from None
     except (ValueError, ZeroDivisionError, AssertionError) as e:
         raise _build_error(model_name, e) from None
+    if pretrained_path:  # the weights are loaded: drop the config's reference to them
+        model.pretrained_cfg.pop('state_dict', None)
     _check_patch_grid(model_name, model)
     return model
 
@@ -117,6 +124,49 @@ def create_model_checked(model_name: str, noah_head: bool = False, **kwargs: Any
 def _build_error(model_name: str, e: BaseException) -> UserError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return UserError(f"cannot build model '{model_name}' with these settings: {first}")
+
+
+def _pretrained_path_kwargs(path: str, adapt_head: bool) -> Dict[str, Any]:
+    """timm's `--pretrained-path`: the file's weights as the model's pretrained weights, head adapted.
+
+    Read here with `safe_load` (this package's training checkpoints hold their arguments, which
+    timm's loader refuses) and handed to timm as an in-memory `state_dict` source; num_classes=-1
+    makes timm drop the file's classifier, as timm's train.py does.
+    """
+    overlay: Dict[str, Any] = dict(state_dict=extract_state_dict(safe_load(path), use_ema=True, path=path))
+    if adapt_head:
+        overlay['num_classes'] = -1
+    return dict(pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def _pretrained_error(model_name: str, error: BaseException) -> UserError:
+    """One line for pretrained weights that cannot be had: none published, offline, not cached, bad file."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name.split(':')[-1])
+    except (RuntimeError, KeyError):
+        cfg = None
+    source = cfg and (cfg.hf_hub_id or cfg.url)
+    if not source:
+        tagged = timm.list_pretrained(model_name.split('.')[0] + '*')
+        hint = f' Tags with weights: {", ".join(tagged)}.' if tagged else ''
+        return UserError(f"no pretrained weights for '{model_name}' ({detail}).{hint} Pass --pretrained-path FILE "
+                         f"(or pretrained_cfg_overlay=dict(file=FILE)) with a timm checkpoint of its linear-head "
+                         f"sibling, or train from scratch.")
+    fetch = (f'huggingface-cli download {cfg.hf_hub_id}' if cfg.hf_hub_id else f'download {cfg.url}')
+    return UserError(f"cannot load the pretrained weights of '{model_name}' from {source} ({detail}). "
+                     f"Without network access, fetch them once where there is one (`{fetch}` fills the Hugging Face "
+                     f"cache; copy it to HF_HOME here), or pass --pretrained-path FILE with a local copy.")
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, arch: str = '') -> None:
+    """`--initial-checkpoint`: the file's weights, strictly; a stock timm checkpoint gives a NOAH model its backbone."""
+    from .models.mlp_mixer import NoahMlpMixer, noah_checkpoint_filter_fn
+    state_dict = extract_state_dict(safe_load(path), use_ema=True, path=path)
+    if isinstance(model, NoahMlpMixer):
+        state_dict = noah_checkpoint_filter_fn(state_dict, model)
+    check_compatible(model, state_dict, path, arch)
+    model.load_state_dict(state_dict)
 
 
 def _fixed_input_size(model: torch.nn.Module) -> Optional[Tuple[int, int]]:

@@ -177,12 +177,36 @@ class _ChunkedDropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None
 
 
+@torch.jit.unused
 def _chunked_path_applies(x: torch.Tensor) -> bool:
     """Eager CPU fp32/fp64 without autocast; compile, export, tracing and torch.func keep plain SDPA."""
     return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export() and not torch._C._are_functorch_transforms_active())
+
+
+@torch.jit.unused
+def _chunked_class_attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, chunk_elements: int,
+) -> torch.Tensor:
+    # an autograd.Function: eager only, so TorchScript compiles this call as unused
+    return _ChunkedDropoutAttention.apply(
+        query, key.contiguous(), value.contiguous(), max(float(dropout_p), 0.), int(chunk_elements))
+
+
+def _sdpa_class_attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float, head_dim_multiple: int,
+) -> torch.Tensor:
+    d, dv = query.shape[-1], value.shape[-1]
+    head_dim = -(-max(d, dv) // head_dim_multiple) * head_dim_multiple
+    if head_dim > d:  # F.pad copies even when it adds nothing
+        query, key = F.pad(query, (0, head_dim - d)), F.pad(key, (0, head_dim - d))
+    if head_dim > dv:
+        value = F.pad(value, (0, head_dim - dv))
+    query = query.unsqueeze(0).expand(key.shape[0], -1, -1, -1)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=1.0)
+    return out[..., :dv]
 
 
 def class_attention(
@@ -205,28 +229,26 @@ def class_attention(
     want it, 1 elsewhere); zero columns change no score and no output. impl='chunked' runs the
     chunked CPU kernel above. 'auto' takes 'chunked' for dropout in eager CPU fp32/fp64 (where
     SDPA would fall back to its materialising math backend), 'sdpa' otherwise.
+
+    TorchScript compiles this function with the SDPA path only; FX records it as one call
+    (`torch.fx.wrap` below), so a traced model picks its path when it runs, as eager does.
     """
     if impl == 'auto':
-        impl = 'chunked' if dropout_p > 0. and _chunked_path_applies(key) else 'sdpa'
+        use_chunked = dropout_p > 0. and not torch.jit.is_scripting() and _chunked_path_applies(key)
+        impl = 'chunked' if use_chunked else 'sdpa'
     if impl == 'chunked':
-        if dropout_p <= 0.:
-            dropout_p = 0.
-        return _ChunkedDropoutAttention.apply(
-            query, key.contiguous(), value.contiguous(), float(dropout_p), int(chunk_elements))
+        return _chunked_class_attention(query, key, value, dropout_p, chunk_elements)
     if impl != 'sdpa':
-        raise ValueError(f"impl must be 'auto', 'sdpa' or 'chunked', got {impl!r}.")
-    B = key.shape[0]
-    d, dv = query.shape[-1], value.shape[-1]
+        raise ValueError("impl must be 'auto', 'sdpa' or 'chunked', got '" + impl + "'.")
     if head_dim_multiple is None:
-        head_dim_multiple = 8 if key.is_cuda else 1
-    head_dim = -(-max(d, dv) // head_dim_multiple) * head_dim_multiple
-    if head_dim > d:  # F.pad copies even when it adds nothing
-        query, key = F.pad(query, (0, head_dim - d)), F.pad(key, (0, head_dim - d))
-    if head_dim > dv:
-        value = F.pad(value, (0, head_dim - dv))
-    query = query.unsqueeze(0).expand(B, -1, -1, -1)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=1.0)
-    return out[..., :dv]
+        multiple = 8 if key.is_cuda else 1
+    else:
+        multiple = head_dim_multiple
+    return _sdpa_class_attention(query, key, value, dropout_p, multiple)
+
+
+# The device / dtype / autocast checks above cannot run on FX proxies: trace the call as a leaf.
+torch.fx.wrap('class_attention')
 
 
 class NoahHead(nn.Module):
@@ -297,12 +319,16 @@ class NoahHead(nn.Module):
     def class_queries(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query weights (N, K, dk) and biases (N, K), the K learned class queries of each group."""
         N, K = self.num_heads, self.num_classes
-        return self.query.weight.reshape(N, K, -1), self.query.bias.reshape(N, K)
+        bias = self.query.bias
+        assert bias is not None  # built with bias=True; TorchScript needs the Optional refined
+        return self.query.weight.reshape(N, K, -1), bias.reshape(N, K)
 
     def class_values(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Value weights (N, K, dv) and biases (N, K)."""
         N, K = self.num_heads, self.num_classes
-        return self.value.weight.reshape(N, K, -1), self.value.bias.reshape(N, K)
+        bias = self.value.bias
+        assert bias is not None
+        return self.value.weight.reshape(N, K, -1), bias.reshape(N, K)
 
     def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Scores q[b, n, k, l] before the softmax over tokens, (B, N, K, L). Materialises them: for inspection."""
@@ -325,7 +351,7 @@ class NoahHead(nn.Module):
         dtype = xk.dtype
         drop = self.drop if self.training else 0.
         if drop > 0.:
-            xv = torch.cat([xv, xv.new_ones(xv.shape[:-1] + (1,))], dim=-1)  # (B, N, L, dv + 1)
+            xv = F.pad(xv, (0, 1), value=1.)  # (B, N, L, dv + 1)
             wv = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
         z = class_attention(wq.to(dtype), xk, xv, dropout_p=drop)  # (B, N, K, dv [+ 1])
         # A broadcast product keeps z itself for backward (the attention keeps it anyway); an

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 import os
 import shlex
 import signal
@@ -35,20 +36,23 @@ import torch.nn.functional as F
 from timm.data import FastCollateMixup, Mixup, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed, unwrap_model)
 from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    amp_autocast, create_model_checked, is_mixer_family, prepare_runtime, resolve_data_config_checked, resolve_device,
-    setup_logging)
+    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, prepare_runtime,
+    resolve_data_config_checked, resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
 from .head import NoahHead
+from .launch import launch_command, stop_when_launcher_dies
 from .plot import plot_after_training
+from .rng import capture_rng_state, restore_rng_state
+from .run_folder import RunFolderLock, check_writable_folder, claim_run_folder
 from .train_args import REFUSED, build_parser, refused_in_use
 
 __all__ = ['build_parser', 'main', 'train']
@@ -66,6 +70,7 @@ class StopRequest:
         self.signum: Optional[int] = None
         self._first = 0.
         self._old = {}
+        self._announced = False
 
     def install(self) -> None:
         import threading
@@ -90,9 +95,17 @@ class StopRequest:
             return
         self.signum = signum
         self._first = time.monotonic()
-        if os.environ.get('RANK', '0') != '0':
+        if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+            self.announce(signum)
+        # several processes: rank 0 announces the stop once the step's all-reduce has seen it
+        # (torchrun also sends SIGTERM when a peer fails; that run ends with the peer's error instead)
+
+    def announce(self, signum: Optional[int]) -> None:
+        """Say once, on rank 0, that the run is stopping."""
+        if self._announced or os.environ.get('RANK', '0') != '0':
             return
-        name = signal.Signals(signum).name
+        self._announced = True
+        name = signal.Signals(signum or signal.SIGTERM).name
         print(f'{name} received: finishing the current step, then writing a recovery checkpoint '
               f'(send it again to stop at once).', file=sys.stderr, flush=True)
 
@@ -101,18 +114,47 @@ class StopRequest:
         return self.signum is not None
 
 
-def _worker_init_ignoring_sigint(orig_init, worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: loader workers keep serving batches while the main
-    # process finishes its step and writes the recovery checkpoint.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _worker_init_ignoring_stop_signals(orig_init, worker_id: int) -> None:
+    # Ctrl-C, Slurm preemption, scancel and systemd signal the whole process group: loader workers keep
+    # serving batches while the main process finishes its step and writes the recovery checkpoint; the
+    # main process shuts them down as it exits (and they exit by themselves if it dies). The signals were
+    # blocked since the fork (see `_protect_workers`), so none slipped in before this point.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if orig_init is not None:
         orig_init(worker_id)
 
 
 def _protect_workers(loader) -> None:
+    """Loader workers ignore SIGINT / SIGTERM. They are forked with both signals blocked (torch installs a
+    dying SIGTERM handler in each worker before `worker_init_fn` runs), and ignore them from then on."""
     dl = getattr(loader, 'loader', loader)
-    if getattr(dl, 'num_workers', 0) > 0:
-        dl.worker_init_fn = partial(_worker_init_ignoring_sigint, dl.worker_init_fn)
+    if getattr(dl, 'num_workers', 0) <= 0:
+        return
+    dl.worker_init_fn = partial(_worker_init_ignoring_stop_signals, dl.worker_init_fn)
+    start_workers = dl._get_iterator  # where torch's DataLoader forks its workers
+
+    def _start_workers_with_stop_signals_blocked():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return start_workers()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal reaches this process now
+    dl._get_iterator = _start_workers_with_stop_signals_blocked
+
+
+def _shut_down_workers(loader) -> None:
+    """Stop a loader's persistent workers now. They ignore SIGTERM, so multiprocessing's exit hook (which
+    terminates daemon children with SIGTERM, then joins them) must find none left."""
+    dl = getattr(loader, 'loader', loader)
+    iterator = getattr(dl, '_iterator', None)
+    if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+        iterator._shutdown_workers()
+        dl._iterator = None
 
 
 class Stopped(Exception):
@@ -288,8 +330,12 @@ class TrainRun:
     start_epoch: int = 0
     num_updates: int = 0
     resume_ckpt: Optional[Dict[str, Any]] = None
+    # random state of every process (index: rank) at the start of the current / the next epoch
+    epoch_start_rng: Optional[List[Dict[str, Any]]] = None
+    next_epoch_rng: Optional[List[Dict[str, Any]]] = None
     # output (rank 0 only)
     output_dir: str = ''
+    lock: Optional[RunFolderLock] = None
     saver: Optional[AtomicCheckpointSaver] = None
     summary_rows: List[Dict[str, Any]] = field(default_factory=list)
     summary_fields: List[str] = field(default_factory=list)
@@ -335,6 +381,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
             with run.autocast():
                 loss = run.train_loss_fn(model(input), target)
         step_loss, stop_any = _reduce_step_flags(run, loss, epoch, step, total)
+        if stop_any > 0:
+            run.stop.announce(run.stop.signum)
         loss_sum += step_loss
         loss_count += 1
         with sync_ctx():
@@ -352,7 +400,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
             raise Stopped(run.stop.signum or signal.SIGTERM, epoch, step)
         if (need_update and args.recovery_interval and run.saver is not None
                 and (step + 1) % args.recovery_interval == 0 and not last):
-            run.saver.save_recovery(epoch, batch_idx=step)
+            with _saving(run, 'a recovery checkpoint'):
+                run.saver.save_recovery(epoch, batch_idx=step)
     return OrderedDict(loss=loss_sum / max(loss_count, 1))
 
 
@@ -378,13 +427,9 @@ def _reduce_step_flags(run: TrainRun, loss: torch.Tensor, epoch: int, step: int,
     _all_reduce_sum(flags, run.distributed)
     non_finite_any, stop_any, loss_total = flags.tolist()
     if non_finite_any > 0:
-        saver = run.saver
-        last_ckpt = os.path.join(saver.checkpoint_dir, 'last.pth.tar') if saver is not None else ''
-        good = f'the last good checkpoint is {last_ckpt}' if last_ckpt and os.path.isfile(last_ckpt) \
-            else 'no checkpoint was written yet'
         raise UserError(
-            f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; {good}. '
-            f'Try a lower --lr, --clip-grad, or no --amp.')
+            f'non-finite loss ({loss.item()}) at epoch {epoch} step {step + 1}/{total}: stopping; '
+            f'{_newest_checkpoint(run)}. Try a lower --lr, --clip-grad, or no --amp.')
     return loss_total / run.world_size, stop_any
 
 
@@ -466,6 +511,7 @@ def evaluate(model, loader, args, device, autocast, distributed: bool, rank: int
 
 # --------------------------------------------------------------------------------------------- main
 def _resume_command(resume_path: str, argv: List[str]) -> str:
+    """The command that started this run (see `launch_command`), its arguments, and ``--resume PATH``."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -477,9 +523,7 @@ def _resume_command(resume_path: str, argv: List[str]) -> str:
         if a.startswith('--resume='):
             continue
         out.append(a)
-    nproc = os.environ.get('LOCAL_WORLD_SIZE', os.environ.get('WORLD_SIZE', '1'))
-    launcher = f'bash distributed_train.sh {nproc}' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'python train.py'
-    return ' '.join([launcher] + [shlex.quote(a) for a in out] + ['--resume', shlex.quote(resume_path)])
+    return ' '.join([launch_command()] + [shlex.quote(a) for a in out] + ['--resume', shlex.quote(resume_path)])
 
 
 def train(argv: Optional[List[str]] = None) -> int:
@@ -526,8 +570,38 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
     if not args.model:
         raise UserError('no model given: pass --model NAME (e.g. --model noah_gmlp_ti16_224).')
 
+    stop_when_launcher_dies()
+    _on_rank0_for_all(run, lambda: _check_outputs(args))
     random_seed(args.seed, run.rank)
     return run
+
+
+def _on_rank0_for_all(run: TrainRun, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only (file system checks and claims); its UserError is raised on every rank,
+    so that all processes stop with one error line instead of waiting for rank 0 in a collective."""
+    result, error = None, None
+    if run.primary:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if run.distributed:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every folder the run will write must be writable now, not after hours of training."""
+    if _continues_in_place(args):
+        check_writable_folder(os.path.dirname(os.path.abspath(args.resume)), 'the folder of --resume')
+    else:
+        check_writable_folder(args.output or os.path.join('.', 'output', 'train'), '--output')
+    if args.save_hf:
+        check_writable_folder(args.save_hf, '--save-hf', create=False)
 
 
 def _build_datasets(run: TrainRun) -> None:
@@ -566,12 +640,10 @@ def _build_model(run: TrainRun) -> None:
     model_kwargs = _model_args(args, model_notes)
     for n in model_notes:
         _logger.warning(f'note: {n}')
-    model = create_model_checked(args.model, noah_head=args.noah_head, **model_kwargs)
+    model = create_model_checked(args.model, noah_head=args.noah_head, pretrained_path=args.pretrained_path,
+                                 **model_kwargs)
     if args.initial_checkpoint:
-        ckpt = safe_load(args.initial_checkpoint)
-        sd = extract_state_dict(ckpt, use_ema=True, path=args.initial_checkpoint)
-        check_compatible(model, sd, args.initial_checkpoint, args.model)
-        model.load_state_dict(sd)
+        load_initial_weights(model, args.initial_checkpoint, args.model)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
     if args.head_init_scale is not None or args.head_init_bias is not None:
         _init_head(model, args.head_init_scale, args.head_init_bias)
@@ -695,6 +767,7 @@ def _resume(run: TrainRun) -> None:
     if not isinstance(ckpt, dict) or 'epoch' not in ckpt:
         raise UserError(f"'{args.resume}' holds weights only, not a training checkpoint: use --initial-checkpoint.")
     if not args.no_resume_opt and 'optimizer' in ckpt:
+        _check_same_optimizer(run, ckpt)
         try:
             run.optimizer.load_state_dict(ckpt['optimizer'])
         except (ValueError, KeyError) as e:
@@ -706,6 +779,25 @@ def _resume(run: TrainRun) -> None:
     _logger.info(f"Resumed from '{args.resume}' (epoch {ckpt['epoch']}"
                  f"{', interrupted mid-epoch: that epoch restarts' if mid_epoch else ''}); "
                  f'continuing at epoch {run.start_epoch}.')
+
+
+def _check_same_optimizer(run: TrainRun, ckpt: Dict[str, Any]) -> None:
+    """The checkpoint's optimizer state must be of --opt's optimizer: another one's hyperparameters
+    would replace this one's and fail at the first step (e.g. KeyError: 'momentum')."""
+    args = run.args
+    saved_opt = getattr(ckpt.get('args'), 'opt', None)
+    saved_keys = {k for g in ckpt['optimizer'].get('param_groups', []) for k in g if k != 'params'}
+    needed = {k for g in run.optimizer.param_groups for k in g if k != 'params'}
+    if saved_opt is not None:
+        differs = str(saved_opt).lower() != str(args.opt).lower()
+    else:
+        differs = not needed <= saved_keys
+    if differs:
+        which = f'--opt {saved_opt}' if saved_opt is not None else f'another optimizer ({", ".join(sorted(saved_keys))})'
+        raise UserError(
+            f"'{args.resume}' holds the state of {which}, not of --opt {args.opt}: resume with "
+            f"{f'--opt {saved_opt}' if saved_opt is not None else 'the same --opt'}, or add --no-resume-opt to "
+            f'start a fresh {args.opt} optimizer from the resumed weights.')
 
 
 def _build_ema(run: TrainRun) -> None:
@@ -748,6 +840,8 @@ def _build_scheduler(run: TrainRun) -> None:
     # timm's schedulers are functions of the epoch / update count: resuming positions the schedule of this
     # command line at the resumed epoch (the checkpoint's 'scheduler' entry is informative only, so a resume
     # with more --epochs stretches the schedule instead of keeping the old one).
+    if isinstance(run.lr_scheduler, PlateauLRScheduler) and run.resume_ckpt is not None:
+        _restore_plateau(run, run.resume_ckpt.get('scheduler'))
     if run.lr_scheduler is not None and run.start_epoch > 0:
         if args.sched_on_updates:
             run.lr_scheduler.step_update(run.start_epoch * run.updates_per_epoch)
@@ -756,50 +850,101 @@ def _build_scheduler(run: TrainRun) -> None:
     run.num_updates = run.start_epoch * run.updates_per_epoch
 
 
-def _checkpoint_extras(run: TrainRun) -> Dict[str, Any]:
-    """Entries this package adds to timm's checkpoint layout."""
+def _scheduler_state(run: TrainRun) -> Optional[Dict[str, Any]]:
+    sched = run.lr_scheduler
+    if sched is None:
+        return None
+    if isinstance(sched, PlateauLRScheduler):
+        # the plateau schedule depends on the metrics seen so far: keep all of torch's ReduceLROnPlateau
+        # state (best, bad epochs, cooldown) and the learning rates it has reached (without noise)
+        lrs = sched.restore_lr or [g['lr'] for g in run.optimizer.param_groups]
+        return {'plateau': sched.lr_scheduler.state_dict(), 'lrs': [float(lr) for lr in lrs]}
+    return sched.state_dict()
+
+
+def _restore_plateau(run: TrainRun, state: Any) -> None:
+    sched = run.lr_scheduler
+    if not (isinstance(state, dict) and isinstance(state.get('plateau'), dict)):
+        _logger.warning('note: the resumed checkpoint has no plateau schedule state: the plateau logic restarts.')
+        return
+    sched.lr_scheduler.load_state_dict(state['plateau'])
+    if run.start_epoch > sched.warmup_t and len(state.get('lrs', [])) == len(run.optimizer.param_groups):
+        for group, lr in zip(run.optimizer.param_groups, state['lrs']):
+            group['lr'] = lr
+
+
+def _checkpoint_extras(run: TrainRun, recovery: bool) -> Dict[str, Any]:
+    """Entries this package adds to timm's checkpoint layout. `rng_state` is every process's random state
+    at the start of the epoch a resume begins with: the next epoch, or for a recovery checkpoint its own
+    epoch, which a resume replays from its first step with the same order and augmentations."""
     return {
-        'scheduler': run.lr_scheduler.state_dict() if run.lr_scheduler is not None else None,
+        'scheduler': _scheduler_state(run),
         'num_updates': run.num_updates,
         'class_names': list(run.labels) if run.labels else None,  # read by noah-visualize
+        'rng_state': run.epoch_start_rng if recovery else run.next_epoch_rng,
     }
 
 
+def _continues_in_place(args: argparse.Namespace) -> bool:
+    """--resume without --experiment continues in the resumed checkpoint's own run folder."""
+    return bool(args.resume) and not args.experiment and os.path.isfile(
+        os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'args.yaml'))
+
+
 def _prepare_output(run: TrainRun) -> None:
-    """The run folder (rank 0): checkpoint saver, args.yaml and the summary rows kept from a resumed run."""
+    """The run folder (rank 0): locked for the run's life, cleaned of what kills left, the checkpoint saver
+    (with the resumed run's history), args.yaml and the summary rows kept from a resumed run."""
     args = run.args
-    if args.resume and not args.experiment and os.path.isfile(
-            os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'args.yaml')):
-        run.output_dir = os.path.dirname(os.path.abspath(args.resume))
+    if _continues_in_place(args):
+        wanted = os.path.dirname(os.path.abspath(args.resume))
     else:
         exp_name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
             str(run.data_config['input_size'][-1])])
-        run.output_dir = os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
+        wanted = os.path.join(args.output or os.path.join('.', 'output', 'train'), exp_name)
+    continuing = bool(args.resume) and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(wanted)
     run.summary_fields = list(SUMMARY_FIELDS) + (
         ['ema_eval_loss', 'ema_eval_top1', 'ema_eval_top5'] if run.model_ema else [])
-    if run.primary:
-        os.makedirs(run.output_dir, exist_ok=True)
-        run.saver = AtomicCheckpointSaver(
-            model=run.model, optimizer=run.optimizer, args=plain_namespace(args), model_ema=run.model_ema,
-            amp_scaler=run.loss_scaler, checkpoint_dir=run.output_dir, recovery_dir=run.output_dir,
-            decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
-            extra_state=lambda: _checkpoint_extras(run))
-        if run.resume_ckpt is not None and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(
-                run.output_dir) and isinstance(run.resume_ckpt.get('saver'), dict):
-            run.saver.load_state_dict(run.resume_ckpt['saver'])
+
+    def _claim() -> str:
+        run.lock = claim_run_folder(wanted, continuing=continuing, named=bool(args.experiment))
+        return run.lock.folder
+    run.output_dir = _on_rank0_for_all(run, _claim) or wanted
+    if not run.primary:
+        return
+    if os.path.abspath(run.output_dir) != os.path.abspath(wanted):
+        _logger.warning(f"note: '{wanted}' holds another run's files: this run writes to '{run.output_dir}' "
+                        f'(--resume one of its checkpoints to continue that run).')
+    run.saver = AtomicCheckpointSaver(
+        model=run.model, optimizer=run.optimizer, args=plain_namespace(args), model_ema=run.model_ema,
+        amp_scaler=run.loss_scaler, checkpoint_dir=run.output_dir, recovery_dir=run.output_dir,
+        decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+        extra_state=lambda recovery: _checkpoint_extras(run, recovery))
+    with _saving(run, 'the run folder'):
+        removed = run.saver.remove_stale_files()
+        if continuing:
+            removed += run.saver.remove_recoveries(up_to_epoch=run.start_epoch - 1, keep=args.resume)
+            if isinstance(run.resume_ckpt.get('saver'), dict):
+                run.saver.load_state_dict(run.resume_ckpt['saver'])
         atomic_write_text(args_to_yaml(args), os.path.join(run.output_dir, 'args.yaml'))
-        run.summary_rows = _read_summary(run.summary_path, run.start_epoch)
-        if args.log_wandb:
-            _start_wandb(run)
-        _logger.info(f'Output folder: {run.output_dir}')
-        if run.saver.best_metric is not None:
-            run.best_metric, run.best_epoch = run.saver.best_metric, run.saver.best_epoch
-    _logger.info(f'Training for {run.num_epochs - run.start_epoch} epoch(s) of {len(run.loader_train)} steps '
-                 f'({len(run.dataset_train)} train / {len(run.dataset_eval)} val images).')
+    if removed:
+        _logger.info(f'Removed what an interrupted run left: {", ".join(removed)}.')
+    if args.resume:
+        ckpt = run.resume_ckpt
+        run.saver.newest_complete = (os.path.abspath(args.resume), int(ckpt['epoch']),
+                                     ckpt.get('recovery_batch_idx') if ckpt.get('recovery') else None)
+    run.summary_rows = _read_summary(run.summary_path, run.start_epoch) if continuing else []
+    if args.log_wandb:
+        _start_wandb(run)
+    _logger.info(f'Output folder: {run.output_dir}')
+    if run.saver.best_metric is not None:
+        run.best_metric, run.best_epoch = run.saver.best_metric, run.saver.best_epoch
 
 
 def _train_epochs(run: TrainRun) -> None:
+    _logger.info(f'Training for {run.num_epochs - run.start_epoch} epoch(s) of {len(run.loader_train)} steps '
+                 f'({len(run.dataset_train)} train / {len(run.dataset_eval)} val images).')
+    _restore_resumed_rng(run)
     for epoch in range(run.start_epoch, run.num_epochs):
         _begin_epoch(run, epoch)
         train_metrics = train_one_epoch(run, epoch)
@@ -812,8 +957,34 @@ def _train_epochs(run: TrainRun) -> None:
         _end_epoch(run, epoch, row, rank_metrics)
 
 
+def _gather_rng(run: TrainRun) -> List[Dict[str, Any]]:
+    state = capture_rng_state()
+    if not run.distributed:
+        return [state]
+    states: List[Any] = [None] * run.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _restore_resumed_rng(run: TrainRun) -> None:
+    """Continue the resumed run's random streams (sample order, augmentations, dropout) where it stopped."""
+    if run.resume_ckpt is None:
+        return
+    states = run.resume_ckpt.get('rng_state')
+    if isinstance(states, list) and len(states) == run.world_size:
+        restore_rng_state(states[run.rank])
+        return
+    # no saved state (an older checkpoint) or another number of processes: a fresh stream per epoch,
+    # never epoch 0's again
+    found = f'for {len(states)} process(es)' if isinstance(states, list) else 'none'
+    _logger.warning(f'note: the resumed checkpoint has no random state for {run.world_size} process(es) '
+                    f'({found}): sample order and augmentations continue from a new seed.')
+    random_seed(run.args.seed + 1000 * run.start_epoch, run.rank)
+
+
 def _begin_epoch(run: TrainRun, epoch: int) -> None:
     args = run.args
+    run.epoch_start_rng = _gather_rng(run)  # before the loader draws this epoch's order
     if run.distributed and hasattr(run.loader_train.sampler, 'set_epoch'):
         run.loader_train.sampler.set_epoch(epoch)
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -853,17 +1024,39 @@ def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
 
 def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Optional[Dict[str, Any]]) -> None:
     """Step the epoch schedule, then (rank 0) append the summary row, log it to W&B and save the checkpoints
-    (on evaluated epochs: `rank_metrics` is None between --val-interval evaluations)."""
+    (`rank_metrics` is None between --val-interval evaluations: no checkpoint then). An epoch whose
+    evaluation loss is not finite is not saved: last / best stay the last good ones."""
     metric = rank_metrics[run.args.eval_metric] if rank_metrics is not None else None
+    bad = {k: v for k, v in row.items() if k.endswith('eval_loss') and not math.isfinite(v)}
+    if bad:
+        raise UserError(
+            f'non-finite evaluation loss at epoch {epoch} ({", ".join(f"{k} {v}" for k, v in bad.items())}): '
+            f'stopping without saving it; {_newest_checkpoint(run)}. Try a lower --lr, --clip-grad, or no --amp.')
     if run.lr_scheduler is not None:
         run.lr_scheduler.step(epoch + 1, metric)
+    run.next_epoch_rng = _gather_rng(run)
     if run.saver is not None:
         run.summary_rows.append(row)
-        _write_summary(run.summary_path, run.summary_rows, run.summary_fields)
+        with _saving(run, f'the checkpoints of epoch {epoch}'):
+            _write_summary(run.summary_path, run.summary_rows, run.summary_fields)
+            if rank_metrics is not None:
+                run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
         if run.wandb_run is not None:
             run.wandb_run.log(dict(row), step=epoch)
-        if rank_metrics is not None:
-            run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+
+
+def _newest_checkpoint(run: TrainRun) -> str:
+    return run.saver.describe_newest_complete() if run.saver is not None else 'no checkpoint was written yet'
+
+
+@contextlib.contextmanager
+def _saving(run: TrainRun, what: str):
+    """A failed write (full disk, quota, a folder gone) ends the run with one line naming what remains."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f'cannot write {what} in {run.output_dir} ({e.strerror or e}); '
+                        f'{_newest_checkpoint(run)}.') from None
 
 
 def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
@@ -871,12 +1064,15 @@ def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
     name = signal.Signals(stopped.signum).name
     path = ''
     if run.saver is not None:
-        path = run.saver.save_recovery(stopped.epoch, batch_idx=stopped.step)
+        with _saving(run, 'the recovery checkpoint'):
+            path = run.saver.save_recovery(stopped.epoch, batch_idx=stopped.step)
     if run.distributed:
         torch.distributed.barrier()
     if run.primary:
         _logger.info(f'Stopped by {name} at epoch {stopped.epoch} step {stopped.step + 1}; recovery checkpoint: {path}')
         print(f'To resume: {_resume_command(path, run.argv)}', file=sys.stderr, flush=True)
+        if run.world_size > int(os.environ.get('LOCAL_WORLD_SIZE', run.world_size)):
+            print('(on every node, each with its own --node-rank)', file=sys.stderr, flush=True)
     return 128 + stopped.signum
 
 
@@ -896,18 +1092,36 @@ def _finish(run: TrainRun) -> int:
     return 0
 
 
+def _already_finished(run: TrainRun) -> bool:
+    if run.start_epoch < run.num_epochs:
+        return False
+    if not run.args.resume:
+        raise UserError(f'--start-epoch {run.start_epoch} leaves nothing to train with --epochs {run.num_epochs}.')
+    _logger.info(f"'{run.args.resume}' has finished epoch {run.start_epoch - 1} of {run.num_epochs}: the run is "
+                 f'complete, nothing to train (a larger --epochs trains further).')
+    return True
+
+
 def _train(argv: List[str], stop: StopRequest) -> int:
     run = _setup_run(argv, stop)
-    _build_datasets(run)
-    _build_model(run)
-    _build_loaders(run)
-    _build_optimization(run)
-    _prepare_output(run)
     try:
-        _train_epochs(run)
-    except Stopped as stopped:
-        return _stop_with_recovery(run, stopped)
-    return _finish(run)
+        _build_datasets(run)
+        _build_model(run)
+        _build_loaders(run)
+        _build_optimization(run)
+        if _already_finished(run):
+            return 0
+        _prepare_output(run)
+        try:
+            _train_epochs(run)
+        except Stopped as stopped:
+            return _stop_with_recovery(run, stopped)
+        return _finish(run)
+    finally:
+        for loader in (run.loader_train, run.loader_eval):
+            _shut_down_workers(loader)
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _save_hf(args, output_dir: str, labels) -> None:
@@ -920,7 +1134,8 @@ def _save_hf(args, output_dir: str, labels) -> None:
     if not os.path.isfile(best):
         best = os.path.join(output_dir, 'last.pth.tar')
     ckpt = safe_load(best)
-    model = create_model_checked(args.model, noah_head=args.noah_head, **_model_args(args, []))
+    model = create_model_checked(  # its weights: the checkpoint
+        args.model, noah_head=args.noah_head, **dict(_model_args(args, []), pretrained=False))
     use_ema = bool(args.model_ema) and 'state_dict_ema' in ckpt
     sd = extract_state_dict(ckpt, use_ema=use_ema, path=best)
     check_compatible(model, sd, best, args.model)

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     g.add_argument('--pretrained', action='store_true', default=False,
                    help="start from the model's pretrained weights (its pretrained_cfg)")
+    g.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help="load FILE as the model's pretrained weights, head adapted (implies --pretrained)")
     g.add_argument('--noah-head', action='store_true', default=False,
                    help='replace the classifier of any timm --model by a NOAH head (noah_mlp.add_noah_head)')
     g.add_argument('--initial-checkpoint', default='', metavar='PATH',

@@ -29,6 +29,7 @@ from .config import (
     non_negative_int, positive_float, positive_int, seed_int)
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .run_folder import check_writable_file
 from .train_args import prog_name, refused_in_use
 from .train import evaluate
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to evaluate: the file's state_dict (its EMA weights with --use-ema)")
     p.add_argument('--pretrained', action='store_true', default=False,
                    help="evaluate the model's pretrained weights (its pretrained_cfg)")
+    p.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help="load FILE as the model's pretrained weights (implies --pretrained)")
     p.add_argument('--noah-head', action='store_true', default=False,
                    help='the model is timm --model with a NOAH head (default: as the checkpoint was trained)')
     p.add_argument('--use-ema', action='store_true', default=False,
@@ -251,6 +254,8 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     data_dir = args.data or args.data_dir
     if not args.model:
         raise UserError('no model given: pass --model NAME.')
+    if args.results_file:
+        check_writable_file(args.results_file, '--results-file')  # now, not after the evaluation
 
     ckpt = safe_load(args.checkpoint) if args.checkpoint else None
     kwargs, img_size = _model_kwargs(args, _arch_from_checkpoint(ckpt))
@@ -266,7 +271,7 @@ def validate(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         classes_from=f"checkpoint '{args.checkpoint}'",
         **{k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None})
 
-    model = create_model_checked(args.model, **kwargs)
+    model = create_model_checked(args.model, pretrained_path=args.pretrained_path, adapt_pretrained_head=False, **kwargs)
     if ckpt is not None:
         _load_checkpoint_weights(model, ckpt, args)
     if args.reparam:

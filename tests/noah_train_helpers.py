@@ -38,3 +38,13 @@ def run_cli(script: str, args: List[str], timeout: float = 300, cwd: Optional[st
     full_env.update(env or {})
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
                           env=full_env)
+
+
+class EvilPickle:
+    """Unpickling this runs `touch MARKER`: what a crafted checkpoint would do if its pickle were trusted."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))

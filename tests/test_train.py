@@ -16,7 +16,7 @@ import yaml
 from noah_mlp import train as train_mod
 from noah_mlp.checkpoint import safe_load
 
-from noah_train_helpers import FAST, REPO, TINY, make_image_folder, run_cli
+from noah_train_helpers import FAST, REPO, TINY, EvilPickle, make_image_folder, run_cli
 
 UPSTREAM_YAML = os.path.join(REPO, 'tests', 'data', 'upstream_default_noah.yaml')
 
@@ -252,23 +252,15 @@ def test_checkpoint_of_another_architecture(data, trained, capsys):
     assert 'blocks.2.' in err  # keys missing from the checkpoint are named
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
 def test_pickle_that_would_run_code_is_refused(data, tmp_path, capsys):
     marker = tmp_path / 'pwned'
     evil = tmp_path / 'evil.pth.tar'
-    torch.save({'state_dict': {}, 'epoch': 0, 'payload': _Evil(str(marker))}, str(evil))
+    torch.save({'state_dict': {}, 'epoch': 0, 'payload': EvilPickle(str(marker))}, str(evil))
     err = _fails([data] + TINY + FAST + ['--resume', str(evil)], capsys)
     assert 'refused to load checkpoint' in err and 'evil.pth.tar' in err
     # a plain (non-zip) pickle too
     evil2 = tmp_path / 'evil2.pkl'
-    evil2.write_bytes(pickle.dumps(_Evil(str(marker)), protocol=2))
+    evil2.write_bytes(pickle.dumps(EvilPickle(str(marker)), protocol=2))
     err = _fails([data] + TINY + FAST + ['--initial-checkpoint', str(evil2)], capsys)
     assert 'refused' in err
     assert not marker.exists()
@@ -360,7 +352,8 @@ def test_two_process_sigterm_to_launcher_writes_recovery(data, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert 'Traceback' not in stderr
     assert stderr.count('SIGTERM received') == 1  # rank 0 speaks for the run
-    hint = [line for line in stderr.splitlines() if line.startswith('To resume: bash distributed_train.sh 2 ')]
+    launcher = os.path.join(REPO, 'distributed_train.sh')  # the resume command repeats the launcher as typed
+    hint = [line for line in stderr.splitlines() if line.startswith(f'To resume: bash {launcher} 2 ')]
     assert len(hint) == 1, stderr
     recovery = re.search(r'--resume (\S+)', hint[0]).group(1)
     ckpt = safe_load(recovery)

@@ -7,18 +7,22 @@ variants of Mixer-S/16 and gMLP-Ti/16 are registered both with timm's linear hea
 Backbone key names are timm's (`stem.*`, `blocks.{i}.*`, `norm.*`), the head is `head.query.*` /
 `head.value.*`: checkpoints of the upstream NOAH code load with strict=True.
 """
+import logging
 from functools import partial
 from typing import Any, Dict, Optional
 
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import GatedMlp, GluMlp, lecun_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock, checkpoint_filter_fn
 
 from ..head import NoahHead
 
-__all__ = ['NoahMlpMixer', 'NOAH_MODEL_ARGS', 'BASELINE_MODEL_ARGS']
+__all__ = ['NoahMlpMixer', 'NOAH_MODEL_ARGS', 'BASELINE_MODEL_ARGS', 'noah_checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
 
 
 class NoahMlpMixer(MlpMixer):
@@ -37,9 +41,13 @@ class NoahMlpMixer(MlpMixer):
             head_drop_rate: float = 0.1,
             head_split: bool = True,
             kv_split: bool = True,
+            linear_head_init: bool = False,
             **kwargs: Any,
     ) -> None:
+        """NOAH settings as in `NoahHead`; `linear_head_init=True` starts the head from the linear head
+        of pretrained weights loaded through timm (exact, needs kv_split=False; see init_head_from_linear)."""
         self.noah_head_num = noah_head_num
+        self.linear_head_init = linear_head_init
         self.key_ratio = key_ratio
         self.head_drop_rate = head_drop_rate
         self.head_split = head_split
@@ -80,9 +88,44 @@ class NoahMlpMixer(MlpMixer):
         self.head = self._make_head(num_classes, **dd)
         self.head.train(self.training)
 
+    @torch.no_grad()
+    def init_head_from_linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        """Set the NOAH head so that its logits equal `GAP + Linear(weight, bias)` exactly.
+
+        With zero query weights every attention map is uniform, so group n returns the mean of its
+        value channels; with kv_split=False the value channels are all C channels (or, with
+        head_split, group n's slice of them), so value weights taken from the linear weights
+        (split by group) and biases divided over the N groups give the linear head's logits.
+        With kv_split=True the values miss the key channels and no NOAH head equals the linear one.
+        """
+        head = self.head
+        if not isinstance(head, NoahHead):
+            raise ValueError('init_head_from_linear needs a NOAH head (num_classes > 0).')
+        if head.kv_split:
+            raise ValueError(
+                'a NOAH head starts exactly from a linear head only with kv_split=False (with kv_split=True '
+                'its values see a fraction of the channels); build the model with kv_split=False.')
+        K, C, N = head.num_classes, head.in_features, head.num_heads
+        if tuple(weight.shape) != (K, C):
+            raise ValueError(
+                f'the linear head is {tuple(weight.shape)} (classes, channels); this NOAH head needs ({K}, {C}).')
+        w = weight.to(head.value.weight)
+        b = torch.zeros(K).to(w) if bias is None else bias.to(w)
+        if head.head_split:
+            values = w.reshape(K, N, C // N).transpose(0, 1)  # group n: its channel slice of each class row
+        else:
+            values = (w / N).unsqueeze(0).expand(N, K, C)
+        head.value.weight.copy_(values.reshape(head.value.weight.shape))
+        head.value.bias.copy_((b / N).repeat(N))
+        head.query.weight.zero_()
+        head.query.bias.zero_()
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if pre_logits or isinstance(self.head, nn.Identity):
-            return super().forward_head(x, pre_logits=True)
+        if pre_logits or self.num_classes <= 0:
+            # timm's pooled embedding (spelled out: TorchScript cannot call super())
+            if self.global_pool == 'avg':
+                x = x.mean(dim=1)
+            return self.head_drop(x)
         return self.head(self.head_drop(x))
 
 
@@ -141,10 +184,71 @@ BASELINE_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     for name in ('mixer_s16_075_224', 'mixer_s16_050_224', 'gmlp_ti16_075_224', 'gmlp_ti16_050_224')
 }
 
+# Data-config fields a NOAH twin takes over with its sibling's published weights: the backbone was
+# trained with that normalisation and evaluated with that crop.
+_WEIGHT_CFG_KEYS = (
+    'hf_hub_id', 'hf_hub_filename', 'url', 'num_classes', 'input_size', 'interpolation', 'crop_pct', 'crop_mode',
+    'mean', 'std', 'license')
+
+
+def _sibling_weight_cfgs(sibling: str) -> Dict[str, Dict[str, Any]]:
+    """`noah_{sibling}.{tag}` for every tag timm publishes weights for, loading those same weights.
+
+    Read from timm's registry, so the twins follow the installed timm's tags; the sibling's default
+    tag comes first and becomes the twin's default (`pretrained=True` without a tag).
+    """
+    tags = [name.split('.', 1)[1] for name in timm.list_pretrained(f'{sibling}.*')]
+    if not tags:
+        return {}
+    default = get_pretrained_cfg(sibling).tag
+    tags.sort(key=lambda tag: tag != default)
+    cfgs = {}
+    for tag in tags:
+        source = get_pretrained_cfg(f'{sibling}.{tag}').to_dict()
+        weights = {k: source[k] for k in _WEIGHT_CFG_KEYS if source.get(k) is not None}
+        cfgs[f'noah_{sibling}.{tag}'] = _noah_cfg(**weights, notes=(
+            f'backbone: {sibling}.{tag} (timm); NOAH head initialised fresh, or from its linear head with '
+            f'kv_split=False, linear_head_init=True',))
+    return cfgs
+
+
+def _noah_cfgs(sibling: str) -> Dict[str, Dict[str, Any]]:
+    # a twin with published sibling weights has only their tags (as timm's mixer_b16_224 has);
+    # a twin without any has the NOAH release's data config (mean/std 0.5, crop 0.9)
+    return _sibling_weight_cfgs(sibling) or {f'noah_{sibling}': _noah_cfg()}
+
+
 default_cfgs = generate_default_cfgs({
-    **{f'noah_{name}': _noah_cfg() for name in NOAH_MODEL_ARGS},
+    **{k: v for name in NOAH_MODEL_ARGS for k, v in _noah_cfgs(name).items()},
     **{name: _cfg() for name in BASELINE_MODEL_ARGS},
 })
+
+
+def noah_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's pretrained filter for the NOAH twins: stock timm Mixer / ResMLP / gMLP weights in, NOAH model out.
+
+    Old layouts are remapped by timm's own `checkpoint_filter_fn`. A NOAH checkpoint passes through.
+    A linear-head checkpoint (`head.weight` / `head.bias`) gives its backbone; the NOAH head starts
+    fresh, or from that linear head when the model was built with `linear_head_init=True`. The head
+    is set on the model here and its tensors go into the returned dict, so timm still loads strictly
+    (and, where it drops a classifier of another class count, the head set here stays).
+    """
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    if not isinstance(model, NoahMlpMixer) or 'head.weight' not in state_dict:
+        return state_dict
+    state_dict = dict(state_dict)
+    weight, bias = state_dict.pop('head.weight'), state_dict.pop('head.bias', None)
+    if not isinstance(model.head, NoahHead):  # num_classes=0: a backbone only
+        return state_dict
+    if model.linear_head_init:
+        model.init_head_from_linear(weight, bias)  # raises with the reason where it cannot be exact
+        _logger.info(f'Pretrained backbone loaded; NOAH head started from the checkpoint\'s linear head '
+                     f'({weight.shape[0]} classes): the model starts at the linear model\'s logits.')
+    else:
+        _logger.info(f'Pretrained backbone loaded; the checkpoint\'s linear head ({weight.shape[0]} classes) is '
+                     f'dropped and the NOAH head ({model.num_classes} classes) starts fresh.')
+    state_dict.update({f'head.{k}': v for k, v in model.head.state_dict().items()})
+    return state_dict
 
 
 def _build(model_cls: type, variant: str, pretrained: bool, arch_args: Dict[str, Any], **kwargs: Any) -> MlpMixer:
@@ -155,7 +259,7 @@ def _build(model_cls: type, variant: str, pretrained: bool, arch_args: Dict[str,
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=noah_checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **model_args,
     )
