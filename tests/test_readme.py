@@ -53,8 +53,8 @@ SUBSTITUTIONS: List[Tuple[str, str, str]] = [
     ('python train.py ./datasets/flowers', 'python train.py ./datasets/flowers --img-size 32 -b 8 --workers 0 --epochs 1',
      'fine-tuning examples at 32 px, batch 8, 1 epoch (a later --epochs on the line still wins: see the next row)'),
     (' --epochs 30', ' --epochs 1', '1 epoch instead of 30'),
-    (' --pretrained', '', 'timm weights come from the Hugging Face hub and tests download nothing (loading local '
-                          'pretrained files: test_models_beyond.py); the model itself is the same'),
+    (' --pretrained ', ' ', 'timm weights come from the Hugging Face hub and tests download nothing (loading local '
+                            'pretrained files: test_models_beyond.py, test_pretrained.py); the model is the same'),
     ('python -m noah_mlp.demo', 'python -m noah_mlp.demo --epochs 1 --nproc 1 --limit 300',
      'the demo on 300 digits for 1 epoch (the full demo takes minutes: test_demo.py)'),
     ("create_model('noah_gmlp_ti16_224', num_classes=3, noah_head_num=8)",
@@ -65,6 +65,9 @@ SUBSTITUTIONS: List[Tuple[str, str, str]] = [
 # Blocks that do not run, by a line they contain, with the reason.
 NOT_RUN = {
     'python -m pytest -q': 'it is the test suite itself, which runs this test',
+    'python train.py ./my_dataset': 'fine-tunes 20-60M-parameter models at 224 px from hub weights or a 240 MB stock '
+                                    'file; tests/test_pretrained.py runs the same three routes (hub cache, '
+                                    '--pretrained-path, --initial-checkpoint) at test size',
     'python benchmarks/gpu_check.py': 'a GPU check; without CUDA it runs its CPU smoke mode, which '
                                       'tests/test_gpu_check.py runs',
     'python benchmarks/bench_model.py': 'speed measurements: over 10 minutes on 2 shared cores even with --quick; '
