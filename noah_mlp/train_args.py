@@ -18,7 +18,7 @@ from .config import (
     positive_int, probability, seed_int)
 from .errors import UserError
 
-__all__ = ['build_parser', 'check_train_args', 'REFUSED', 'refused_in_use', 'prog_name']
+__all__ = ['build_parser', 'check_train_args', 'REFUSED', 'refused_in_use', 'prog_name', 'add_dataset_source_args']
 
 # dest -> why this script does not do what timm's flag does
 REFUSED: Dict[str, str] = {
@@ -89,6 +89,19 @@ def refused_in_use(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return out
 
 
+def add_dataset_source_args(group) -> None:
+    """How images are read (train.py and validate.py alike): download, class map, image mode, dataset keys."""
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='let torch/ and tfds/ datasets download themselves')
+    group.add_argument('--class-map', default='', metavar='FILE', help='file mapping class names to indices')
+    group.add_argument('--input-img-mode', default=None, metavar='MODE',
+                       help='PIL mode (default: L for 1 channel, else RGB)')
+    group.add_argument('--input-key', default=None, metavar='KEY', help='image field of hfds/hfids/wds datasets')
+    group.add_argument('--target-key', default=None, metavar='KEY', help='label field of hfds/hfids/wds datasets')
+    group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                       help="let a Hugging Face dataset run its repository's loading code")
+
+
 def _refused(group, *names: str, dest: str, **kwargs) -> None:
     """A timm flag kept so configs carrying its default load; its help says why it is refused."""
     group.add_argument(*names, dest=dest, help=f'not supported: {REFUSED[dest]}', **kwargs)
@@ -115,14 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='images in the training split, for iterable (wds/tfds/hfids) datasets')
     g.add_argument('--val-num-samples', type=positive_int, default=None, metavar='N',
                    help='images in the validation split, for iterable (wds/tfds/hfids) datasets')
-    g.add_argument('--dataset-download', action='store_true', default=False,
-                   help='let torch/ and tfds/ datasets download themselves')
-    g.add_argument('--class-map', default='', metavar='FILE', help='file mapping class names to indices')
-    g.add_argument('--input-img-mode', default=None, metavar='MODE', help='PIL mode (default: L for 1 channel, else RGB)')
-    g.add_argument('--input-key', default=None, metavar='KEY', help='image field of hfds/hfids/wds datasets')
-    g.add_argument('--target-key', default=None, metavar='KEY', help='label field of hfds/hfids/wds datasets')
-    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help="let a Hugging Face dataset run its repository's loading code")
+    add_dataset_source_args(g)
 
     g = p.add_argument_group('Model parameters')
     g.add_argument('--model', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')

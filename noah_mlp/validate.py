@@ -30,7 +30,7 @@ from .config import (
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
 from .run_folder import check_writable_file
-from .train_args import prog_name, refused_in_use
+from .train_args import add_dataset_source_args, prog_name, refused_in_use
 from .train import evaluate
 
 __all__ = ['build_parser', 'main', 'validate']
@@ -62,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (val/ and validation/ both match)')
     p.add_argument('--num-samples', type=positive_int, default=None, metavar='N',
                    help='images in the split, for iterable (wds/tfds/hfids) datasets')
-    p.add_argument('--dataset-download', action='store_true', default=False,
-                   help='let torch/ and tfds/ datasets download themselves')
-    p.add_argument('--class-map', default='', metavar='FILE', help='file mapping class names to indices')
-    p.add_argument('--input-key', default=None, metavar='KEY', help='image field of hfds/hfids/wds datasets')
-    p.add_argument('--input-img-mode', default=None, metavar='MODE', help='PIL mode (default: L for 1 channel, else RGB)')
-    p.add_argument('--target-key', default=None, metavar='KEY', help='label field of hfds/hfids/wds datasets')
-    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help="let a Hugging Face dataset run its repository's loading code")
+    add_dataset_source_args(p)
     p.add_argument('--model', '-m', default='', metavar='NAME', help='timm model name, e.g. noah_gmlp_ti16_224')
     p.add_argument('--checkpoint', default='', metavar='PATH',
                    help="weights to evaluate: the file's state_dict (its EMA weights with --use-ema)")
