@@ -284,7 +284,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     # ----------------------------------------------------------------------------------- writing
     def _save(self, save_path, epoch, metric=None):
-        # timm's training-checkpoint layout, written atomically
+        # timm's training-checkpoint layout (see docs/checkpoints.md), written atomically
         state = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),

@@ -2,6 +2,7 @@
 AMP selection, logging."""
 import contextlib
 import difflib
+import importlib
 import logging
 import numbers
 import os
@@ -19,6 +20,7 @@ from .errors import UserError
 __all__ = [
     'create_model_checked', 'is_mixer_family', 'load_initial_weights', 'resolve_device', 'resolve_data_config_checked',
     'amp_autocast', 'setup_logging', 'cpu_cores', 'threads_per_process', 'default_loader_workers',
+    'add_precision_args', 'prepare_runtime',
 ]
 
 # model arguments that count something (pixels, channels, blocks, groups): a value below 1 cannot build a model
@@ -280,3 +282,32 @@ def default_loader_workers(env: Optional[Mapping[str, str]] = None) -> int:
     except ValueError:
         local_procs = 1
     return min(4, max(0, cpu_cores() // local_procs - 1))
+
+
+def add_precision_args(group) -> None:
+    """The device-side flags train.py and validate.py share: AMP, model dtype, fast norm, device modules."""
+    group.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+    group.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16'],
+                       help='AMP dtype (default: float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--model-dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
+                       help='weights and inputs in this dtype, without AMP; float32 when not given')
+    group.add_argument('--fast-norm', action='store_true', default=False,
+                       help="timm's experimental fast LayerNorm / GroupNorm paths (set_fast_norm)")
+    group.add_argument('--device-modules', default=None, nargs='+', metavar='MODULE',
+                       help='Python modules to import first (out-of-tree device backends)')
+
+
+def prepare_runtime(args: Any) -> Optional[torch.dtype]:
+    """Import --device-modules, apply --fast-norm; return --model-dtype as a dtype (refused together with AMP)."""
+    for module in args.device_modules or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"--device-modules: cannot import '{module}' ({e}).") from None
+    if args.fast_norm:
+        from timm.layers import set_fast_norm
+        set_fast_norm()
+    dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    if dtype not in (None, torch.float32) and args.amp:
+        raise UserError('--model-dtype and --amp exclude each other: AMP keeps float32 weights.')
+    return dtype

@@ -22,11 +22,23 @@ from timm.utils import ParseKwargs
 from .errors import UserError
 
 __all__ = [
-    'ArgumentParser', 'parse_args_with_config', 'LEGACY_KEYS', 'args_to_yaml', 'KeyValueAction',
+    'ArgumentParser', 'HelpFormatter', 'parse_args_with_config', 'LEGACY_KEYS', 'args_to_yaml', 'KeyValueAction',
     'positive_int', 'non_negative_int', 'seed_int', 'positive_float', 'non_negative_float', 'probability',
     'drop_rate', 'area_fraction', 'device_name', 'compile_backend', 'augment_policy', 'INTERPOLATIONS', 'SCHEDULERS',
     'check_image_args',
 ]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it says something (not None, False, '' or []), 110 columns wide."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=110)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, '', [], {}) or action.default is argparse.SUPPRESS:
+            return action.help or ''
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

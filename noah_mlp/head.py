@@ -361,3 +361,17 @@ class NoahHead(nn.Module):
             out = out + bv.sum(0).to(out.dtype)
         # bq takes part in the graph with gradient 0, its true gradient: DDP needs every parameter used.
         return out + bq.sum().to(out.dtype) * 0.
+
+    @torch.no_grad()
+    def init_scaled(self, scale: Optional[float] = None, bias: Optional[float] = None) -> None:
+        """timm's ``--head-init-scale`` / ``--head-init-bias`` for a NOAH head (docs/head.md).
+
+        `scale` multiplies the value projection, so every logit is multiplied by exactly `scale` (the
+        attention maps stay as they are); `bias` sets each group's value bias to bias / N: a softmax
+        row sums to one, so the N groups add exactly `bias` to every logit.
+        """
+        if scale is not None:
+            self.value.weight.mul_(scale)
+            self.value.bias.mul_(scale)
+        if bias is not None:
+            self.value.bias.fill_(bias / self.num_heads)

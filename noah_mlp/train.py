@@ -43,16 +43,17 @@ from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import AtomicCheckpointSaver, atomic_write_text, check_compatible, extract_state_dict, safe_load
 from .cli_common import (
-    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, resolve_data_config_checked,
-    resolve_device, setup_logging)
+    amp_autocast, create_model_checked, is_mixer_family, load_initial_weights, prepare_runtime,
+    resolve_data_config_checked, resolve_device, setup_logging)
 from .config import args_to_yaml, parse_args_with_config, plain_namespace
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .head import NoahHead
 from .launch import launch_command, stop_when_launcher_dies
 from .plot import plot_after_training
 from .rng import capture_rng_state, restore_rng_state
 from .run_folder import RunFolderLock, check_writable_folder, claim_run_folder
-from .train_args import build_parser
+from .train_args import REFUSED, build_parser, refused_in_use
 
 __all__ = ['build_parser', 'main', 'train']
 
@@ -164,18 +165,8 @@ class Stopped(Exception):
 
 # --------------------------------------------------------------------------------------------- helpers
 def _check_args(args: argparse.Namespace) -> None:
-    refused = [
-        (args.aug_splits > 0, '--aug-splits (augmentation splits / AugMix) is not supported by this script.'),
-        (args.jsd_loss, '--jsd-loss (needs --aug-splits) is not supported by this script.'),
-        (args.split_bn, '--split-bn (needs --aug-splits) is not supported by this script.'),
-        (args.tta > 0, '--tta applies to validation, not to training.'),
-        (args.save_images, '--save-images is not supported by this script.'),
-        (args.log_wandb, '--log-wandb is not supported: read summary.csv, or feed it to your tracker.'),
-        (args.torchscript, '--torchscript was removed from timm 1.x training; use --torchcompile.'),
-    ]
-    for bad, message in refused:
-        if bad:
-            raise UserError(message)
+    for message in refused_in_use(build_parser(), args, REFUSED):
+        raise UserError(message)
 
 
 def _model_args(args: argparse.Namespace, notes: List[str]) -> Dict[str, Any]:
@@ -226,6 +217,47 @@ def _lr(args: argparse.Namespace, world_size: int) -> float:
     if scale == 'sqrt':
         ratio = ratio ** 0.5
     return args.lr_base * ratio
+
+
+def _init_head(model: nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """--head-init-scale / --head-init-bias: timm's meaning for a linear head, NoahHead.init_scaled for NOAH's."""
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if isinstance(head, NoahHead):
+        head.init_scaled(scale, bias)
+    elif isinstance(head, nn.Linear) and head.bias is not None:
+        with torch.no_grad():
+            if scale is not None:
+                head.weight.mul_(scale)
+                head.bias.mul_(scale)
+            if bias is not None:
+                head.bias.fill_(bias)
+    else:
+        raise UserError(f'--head-init-scale / --head-init-bias apply to a NOAH or linear classifier head, '
+                        f'not to {type(head).__name__}.')
+    _logger.info(f'Head initialised: weights x {scale if scale is not None else 1}'
+                 f'{f", every logit starts at {bias}" if bias is not None else ""}.')
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--log-wandb needs the wandb package: pip install "noah-mlp[wandb]" (or pip install wandb).') \
+            from None
+    return wandb
+
+
+def _start_wandb(run: 'TrainRun') -> None:
+    """--log-wandb (rank 0): a W&B run named after the run folder, with the training flags as its config."""
+    args = run.args
+    if args.wandb_resume_id and not args.resume:
+        raise UserError('--wandb-resume-id continues a W&B run: give it with --resume, which continues the training.')
+    wandb = _import_wandb()
+    run.wandb_run = wandb.init(
+        project=args.wandb_project, name=os.path.basename(run.output_dir), config=vars(plain_namespace(args)),
+        tags=args.wandb_tags or None, id=args.wandb_resume_id or None,
+        resume='must' if args.wandb_resume_id else None, dir=run.output_dir)
+    _logger.info(f'W&B run {run.wandb_run.id} (project {run.wandb_run.project}).')
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -289,6 +321,7 @@ class TrainRun:
     data_config: Dict[str, Any] = field(default_factory=dict)
     autocast: Callable = contextlib.nullcontext
     loss_scaler: Optional[NativeScaler] = None
+    model_dtype: Optional[torch.dtype] = None  # --model-dtype: weights and inputs in this dtype (no AMP)
     # optimisation
     optimizer: Optional[torch.optim.Optimizer] = None
     lr_scheduler: Any = None
@@ -308,6 +341,7 @@ class TrainRun:
     summary_fields: List[str] = field(default_factory=list)
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
+    wandb_run: Any = None  # --log-wandb (rank 0)
 
     @property
     def primary(self) -> bool:
@@ -334,7 +368,7 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
         need_update = last or (step + 1) % accum == 0
         update_accum = (total - last_accum) if step >= last_accum else accum
         if args.no_prefetcher:
-            input, target = input.to(run.device), target.to(run.device)
+            input, target = input.to(run.device, dtype=run.model_dtype), target.to(run.device)
             if run.mixup_fn is not None:
                 input, target = run.mixup_fn(input, target)
         if args.channels_last:
@@ -355,6 +389,8 @@ def train_one_epoch(run: TrainRun, epoch: int) -> Dict[str, float]:
             _backward(run, loss / update_accum, need_update)
         if need_update:
             _after_update(run)
+        if args.synchronize_step:
+            getattr(torch, run.device.type).synchronize()
 
         meter.samples += input.shape[0] * run.world_size
         if run.primary and ((step + 1) % args.log_interval == 0 or last):
@@ -435,14 +471,14 @@ def _log_train_step(run: TrainRun, meter: _StepMeter, epoch: int, step: int, tot
 
 @torch.no_grad()
 def evaluate(model, loader, args, device, autocast, distributed: bool, rank: int, world_size: int, num_samples: int,
-             no_prefetcher: bool, channels_last: bool = False):
+             no_prefetcher: bool, channels_last: bool = False, input_dtype: Optional[torch.dtype] = None):
     """Loss, top-1 and top-5 over the loader's dataset, summed exactly across processes (padding removed)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
     seen = 0
     for input, target in loader:
         if no_prefetcher:
-            input, target = input.to(device), target.to(device)
+            input, target = input.to(device, dtype=input_dtype), target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -506,13 +542,16 @@ def _setup_run(argv: List[str], stop: StopRequest) -> TrainRun:
     parser = build_parser()
     args, notes = parse_args_with_config(parser, argv)
     _check_args(args)
+    model_dtype = prepare_runtime(args)
+    if args.log_wandb:
+        _import_wandb()  # before any work: a missing package is one error line
 
     device_name = resolve_device(args.device)
     dist_info = init_distributed_device_so(device=device_name, dist_backend=args.dist_backend)
     run = TrainRun(
         argv=argv, stop=stop, args=args, device=torch.device(dist_info['device']),
         distributed=dist_info['distributed'], rank=dist_info['global_rank'], local_rank=dist_info['local_rank'],
-        world_size=dist_info['world_size'])
+        world_size=dist_info['world_size'], model_dtype=model_dtype)
     args.device, args.distributed, args.rank, args.world_size = (
         str(run.device), run.distributed, run.rank, run.world_size)
     setup_logging(run.primary)
@@ -568,15 +607,18 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _build_datasets(run: TrainRun) -> None:
     """Datasets first: their class count is the default --num-classes, and a bad folder fails before any work."""
     args = run.args
+    keys = {k: v for k, v in dict(input_key=args.input_key, target_key=args.target_key).items() if v is not None}
     run.dataset_train = build_dataset(
         args.dataset, args.data_dir, args.train_split, is_training=True, class_map=args.class_map,
         batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats, input_img_mode=args.input_img_mode,
-        download=args.dataset_download)
+        download=args.dataset_download, num_samples=args.train_num_samples,
+        trust_remote_code=args.dataset_trust_remote_code, **keys)
     run.labels = class_names(run.dataset_train)
     run.dataset_eval = build_dataset(  # numbered by the training classes
         args.dataset, args.data_dir, args.val_split, is_training=False, class_map=args.class_map,
         batch_size=args.batch_size, input_img_mode=args.input_img_mode, download=args.dataset_download,
-        classes=run.labels)
+        classes=run.labels, num_samples=args.val_num_samples, trust_remote_code=args.dataset_trust_remote_code,
+        **keys)
     if args.num_classes is None:
         if not run.labels:
             raise UserError('cannot tell the number of classes of this dataset: pass --num-classes.')
@@ -584,9 +626,11 @@ def _build_datasets(run: TrainRun) -> None:
         _logger.info(f'{len(run.labels)} classes found in the dataset.')
     elif run.labels and len(run.labels) > args.num_classes:
         raise UserError(f'the dataset has {len(run.labels)} classes but --num-classes is {args.num_classes}.')
-    elif run.labels and len(run.labels) < args.num_classes:
-        _logger.warning(f'note: --num-classes {args.num_classes} but the dataset has {len(run.labels)} classes: '
-                        f'the model keeps {args.num_classes - len(run.labels)} output(s) no image is labelled with.')
+    elif run.labels and len(run.labels) != args.num_classes:
+        _logger.warning(
+            f'warning: --num-classes {args.num_classes} but the dataset has {len(run.labels)} classes (num_classes '
+            f'from the command line or --config): the model gets {args.num_classes - len(run.labels)} outputs no '
+            f'image is labelled with. Leave num_classes out to use the dataset\'s count.')
 
 
 def _build_model(run: TrainRun) -> None:
@@ -601,6 +645,8 @@ def _build_model(run: TrainRun) -> None:
     if args.initial_checkpoint:
         load_initial_weights(model, args.initial_checkpoint, args.model)
         _logger.info(f'Initial weights from {args.initial_checkpoint}.')
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        _init_head(model, args.head_init_scale, args.head_init_bias)
     if run.primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params / 1e6:.3f}M parameters, {args.num_classes} classes.')
@@ -610,7 +656,7 @@ def _build_model(run: TrainRun) -> None:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: model {args.model} does not support gradient checkpointing.')
         model.set_grad_checkpointing(enable=True)
-    model.to(run.device)
+    model.to(device=run.device, dtype=run.model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn:
@@ -655,7 +701,7 @@ def _build_loaders(run: TrainRun) -> None:
     common = dict(
         mean=data_config['mean'], std=data_config['std'], num_workers=workers, distributed=run.distributed,
         pin_memory=args.pin_mem, device=run.device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=workers > 0)
+        img_dtype=run.model_dtype or torch.float32, persistent_workers=workers > 0)
     run.loader_train = create_loader(
         run.dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
@@ -676,15 +722,14 @@ def _build_loaders(run: TrainRun) -> None:
             f'the training split has {len(run.dataset_train)} images, fewer than one batch of {args.batch_size} '
             f'per process x {run.world_size} process(es): lower --batch-size.')
 
+    bce = partial(BinaryCrossEntropy, target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                  pos_weight=args.bce_pos_weight)
     if mixup_active:
-        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
+        loss_fn = bce() if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
-        loss_fn = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        loss_fn = bce(smoothing=args.smoothing) if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
-        loss_fn = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else nn.CrossEntropyLoss()
+        loss_fn = bce() if args.bce_loss else nn.CrossEntropyLoss()
     run.train_loss_fn = loss_fn.to(run.device)
 
 
@@ -780,7 +825,7 @@ def _wrap_for_training(run: TrainRun) -> None:
     if args.torchcompile:
         if not hasattr(torch, 'compile'):
             raise UserError('--torchcompile needs PyTorch 2 or newer.')
-        train_model = torch.compile(train_model, backend=args.torchcompile)
+        train_model = torch.compile(train_model, backend=args.torchcompile, mode=args.torchcompile_mode)
     run.train_model = train_model
 
 
@@ -889,6 +934,8 @@ def _prepare_output(run: TrainRun) -> None:
         run.saver.newest_complete = (os.path.abspath(args.resume), int(ckpt['epoch']),
                                      ckpt.get('recovery_batch_idx') if ckpt.get('recovery') else None)
     run.summary_rows = _read_summary(run.summary_path, run.start_epoch) if continuing else []
+    if args.log_wandb:
+        _start_wandb(run)
     _logger.info(f'Output folder: {run.output_dir}')
     if run.saver.best_metric is not None:
         run.best_metric, run.best_epoch = run.saver.best_metric, run.saver.best_epoch
@@ -901,7 +948,12 @@ def _train_epochs(run: TrainRun) -> None:
     for epoch in range(run.start_epoch, run.num_epochs):
         _begin_epoch(run, epoch)
         train_metrics = train_one_epoch(run, epoch)
-        row, rank_metrics = _evaluate_epoch(run, epoch, train_metrics)
+        if (epoch + 1) % run.args.val_interval == 0 or epoch == run.num_epochs - 1:
+            row, rank_metrics = _evaluate_epoch(run, epoch, train_metrics)
+        else:  # --val-interval: no evaluation and no checkpoint this epoch (as in timm)
+            row = OrderedDict(epoch=epoch, train_loss=round(train_metrics['loss'], 6),
+                              lr=run.optimizer.param_groups[0]['lr'])
+            rank_metrics = None
         _end_epoch(run, epoch, row, rank_metrics)
 
 
@@ -945,7 +997,7 @@ def _begin_epoch(run: TrainRun, epoch: int) -> None:
 def _evaluate_model(run: TrainRun, model: nn.Module) -> Dict[str, Any]:
     args = run.args
     return evaluate(model, run.loader_eval, args, run.device, run.autocast, run.distributed, run.rank,
-                    run.world_size, len(run.dataset_eval), args.no_prefetcher, args.channels_last)
+                    run.world_size, len(run.dataset_eval), args.no_prefetcher, args.channels_last, run.model_dtype)
 
 
 def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
@@ -970,10 +1022,11 @@ def _evaluate_epoch(run: TrainRun, epoch: int, train_metrics: Dict[str, Any]):
     return row, rank_metrics
 
 
-def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Dict[str, Any]) -> None:
-    """Step the epoch schedule, then (rank 0) append the summary row and save the checkpoints. An epoch
-    whose evaluation loss is not finite is not saved: last / best stay the last good ones."""
-    metric = rank_metrics[run.args.eval_metric]
+def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Optional[Dict[str, Any]]) -> None:
+    """Step the epoch schedule, then (rank 0) append the summary row, log it to W&B and save the checkpoints
+    (`rank_metrics` is None between --val-interval evaluations: no checkpoint then). An epoch whose
+    evaluation loss is not finite is not saved: last / best stay the last good ones."""
+    metric = rank_metrics[run.args.eval_metric] if rank_metrics is not None else None
     bad = {k: v for k, v in row.items() if k.endswith('eval_loss') and not math.isfinite(v)}
     if bad:
         raise UserError(
@@ -986,7 +1039,10 @@ def _end_epoch(run: TrainRun, epoch: int, row: Dict[str, Any], rank_metrics: Dic
         run.summary_rows.append(row)
         with _saving(run, f'the checkpoints of epoch {epoch}'):
             _write_summary(run.summary_path, run.summary_rows, run.summary_fields)
-            run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+            if rank_metrics is not None:
+                run.best_metric, run.best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+        if run.wandb_run is not None:
+            run.wandb_run.log(dict(row), step=epoch)
 
 
 def _newest_checkpoint(run: TrainRun) -> str:
@@ -1022,7 +1078,10 @@ def _stop_with_recovery(run: TrainRun, stopped: Stopped) -> int:
 
 def _finish(run: TrainRun) -> int:
     if run.best_metric is not None:
-        _logger.info(f'*** Best metric: {run.best_metric} (epoch {run.best_epoch})')
+        weights = 'EMA weights' if run.model_ema is not None else 'model weights'
+        _logger.info(f'*** Best metric ({weights}): {run.args.eval_metric} {run.best_metric} (epoch {run.best_epoch})')
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
     if run.saver is not None:
         _logger.info(f'Checkpoints in {run.output_dir}')
         plot_after_training(run.output_dir)

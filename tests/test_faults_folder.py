@@ -174,7 +174,7 @@ def test_best_epoch_matches_model_best_after_a_crash_during_its_copy(data, tmp_p
     last = safe_load(os.path.join(exp, 'last.pth.tar'))
     assert safe_load(os.path.join(exp, 'model_best.pth.tar'))['epoch'] < last['epoch']  # the crash's state
     assert train_mod.main(argv + ['--resume', os.path.join(exp, 'last.pth.tar')]) == 0
-    logged = re.search(r'\*\*\* Best metric: (\S+) \(epoch (\d+)\)', capsys.readouterr().out)
+    logged = re.search(r'\*\*\* Best metric \(model weights\): loss (\S+) \(epoch (\d+)\)', capsys.readouterr().out)
     best = safe_load(os.path.join(exp, 'model_best.pth.tar'))
     assert int(logged.group(2)) == best['epoch'] and float(logged.group(1)) == best['metric']
     assert best['epoch'] >= last['epoch']

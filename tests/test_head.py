@@ -6,7 +6,7 @@ from noah_mlp import NoahHead
 
 
 def reference_noah(head: NoahHead, x: torch.Tensor, value_mask: torch.Tensor = None) -> torch.Tensor:
-    """The formula as written in NOAH.md: per-token projections, softmax over tokens, weighted sum.
+    """The formula as written in docs/head.md: per-token projections, softmax over tokens, weighted sum.
 
     Reads the parameters straight from the conv weights (output channel n*K + k is group n, class k).
     `value_mask`, if given, multiplies v[b, n, k, l] (dropout with its 1/(1-p) scale folded in).

@@ -18,7 +18,7 @@ TIMM_MIXER_FAMILY = [
 WIDTH_VARIANTS = ['mixer_s16_075_224', 'mixer_s16_050_224', 'gmlp_ti16_075_224', 'gmlp_ti16_050_224']
 NOAH_MODELS = sorted(f'noah_{n}' for n in TIMM_MIXER_FAMILY + WIDTH_VARIANTS)
 
-# seed table (M params), except gMLP-Ti x0.75 whose 3.91M does not follow from its architecture (NOAH.md)
+# seed table (M params), except gMLP-Ti x0.75 whose 3.91M does not follow from its architecture (see README.md, Models)
 SEED_PARAMS = {
     'mixer_b16_224': (59.88, 59.88), 'mixer_s16_224': (18.53, 18.54),
     'mixer_s16_075_224': (10.75, 10.76), 'mixer_s16_050_224': (5.07, 5.08),
@@ -232,7 +232,7 @@ def test_create_model_loads_bare_state_dict_strictly(tmp_path):
 
 
 def test_upstream_layout_loads_with_strict_true():
-    """A state dict laid out as NOAH.md's table (grouped 1x1 conv head) loads strictly."""
+    """A state dict laid out as docs/checkpoints.md's table (grouped 1x1 conv head) loads strictly."""
     torch.manual_seed(0)
     N, K, C = 4, 10, 128
     model = tiny('noah_gmlp_ti16_224')

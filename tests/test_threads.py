@@ -47,17 +47,18 @@ def test_default_loader_workers_fit_the_cores(monkeypatch, cores, local_procs, w
 def test_launcher_overrides_oversubscribing_threads(tmp_path):
     """With OMP_NUM_THREADS inherited at the core count, two launched ranks each run cores // 2 threads."""
     script = tmp_path / 'threads.py'
-    script.write_text('import os, torch\n'
-                      'print(f"rank {os.environ[\'RANK\']} threads {torch.get_num_threads()} '
-                      'omp {os.environ[\'OMP_NUM_THREADS\']}", flush=True)\n')
+    # each rank writes its own file: two ranks printing to one pipe can interleave their lines
+    script.write_text('import os, sys, torch\n'
+                      'open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w").write('
+                      'f"threads {torch.get_num_threads()} omp {os.environ[\'OMP_NUM_THREADS\']}")\n')
     cores = cpu_cores()
     env = dict(os.environ, OMP_NUM_THREADS=str(cores), PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, '-m', 'noah_mlp.launch', '--standalone', '--nproc-per-node=2', str(script)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    proc = subprocess.run([sys.executable, '-m', 'noah_mlp.launch', '--standalone', '--nproc-per-node=2', str(script),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = max(1, cores // 2)
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith('rank '))
-    assert lines == [f'rank {r} threads {expected} omp {expected}' for r in (0, 1)]
+    seen = [(tmp_path / f'rank{r}').read_text() for r in (0, 1)]
+    assert seen == [f'threads {expected} omp {expected}'] * 2
     notes = [line for line in proc.stderr.splitlines() if line.startswith('noah_mlp.launch: ')]
     assert len(notes) == 1 and f'OMP_NUM_THREADS={cores} inherited' in notes[0]
 

@@ -179,6 +179,8 @@ def test_upstream_yaml_accepted_unchanged(data, tmp_path, capsys):
     for key in ('bn_tf', 'jsd', 'local_rank', 'native_amp', 'validation_batch_size_multiplier'):
         assert f'config key {key}' in captured.out
     assert 'block dropout (proj_drop_rate)' in captured.out
+    # upstream's num_classes: 1000 on a 3-class dataset trains, but not silently
+    assert 'warning: --num-classes 1000 but the dataset has 3 classes (num_classes from the command line or --config)' in captured.out
     ckpt = safe_load(os.path.join(out, 'up', 'last.pth.tar'))
     args = ckpt['args']
     assert args.opt == 'adamw' and args.lr == 0.0007 and args.mixup == 0.5 and args.model_ema
