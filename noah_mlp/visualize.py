@@ -32,7 +32,6 @@ from .checkpoint import safe_load
 from .cli_common import create_model_checked
 from .sharing import model_input_size
 from .errors import UserError, cli_main
-from .sharing import model_input_size
 
 __all__ = [
     'LoadedModel',
