@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['NoahHead', 'noah_split_sizes', 'class_attention']
+__all__ = ['NoahHead', 'noah_split_sizes', 'noah_logits', 'class_attention']
 
 # Elements of the (samples, N, classes, L) attention one chunk of the CPU dropout path holds: 2 MiB
 # in fp32, so a chunk and its gradient stay about within a 2-core L2 (measured: 2^18..2^20 alike).
@@ -251,6 +251,104 @@ def class_attention(
 torch.fx.wrap('class_attention')
 
 
+def _direct_logits(
+        key: torch.Tensor, value: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+        dropout_p: float,
+) -> torch.Tensor:
+    """The published form, per group: scores and values of every (class, token), (N, B*L, K) each."""
+    B, N, L, _ = key.shape
+    dtype = key.dtype
+    # one batched product per group over all images' tokens; the class weights are never broadcast over B
+    scores = torch.bmm(key.transpose(0, 1).reshape(N, B * L, -1), wq.to(dtype).transpose(1, 2))
+    values = torch.baddbmm(bv.to(dtype).unsqueeze(1), value.transpose(0, 1).reshape(N, B * L, -1),
+                           wv.to(dtype).transpose(1, 2))
+    if dropout_p > 0.:
+        values = F.dropout(values, dropout_p, True)
+    attn = torch.softmax(scores.view(N, B, L, -1), dim=2)
+    return (attn * values.view(N, B, L, -1)).sum(dim=(0, 2))
+
+
+def _attention_logits(
+        key: torch.Tensor, value: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+        dropout_p: float,
+) -> torch.Tensor:
+    """The attention identity (docs/head.md): class attention over the value tokens, then Wv."""
+    # Each softmax row sums to one and v is linear in the value tokens, so
+    #   sum_l a[b,n,k,l] * v[b,n,k,l] = Wv[n,k] . (sum_l a[b,n,k,l] value[b,n,l]) + bv[n,k]:
+    # attention with the K class vectors Wq[n] as queries and scale 1, which a fused kernel computes
+    # without ever holding a[b,n,k,l]. Dropout on v[b,n,k,l] is the same random operation as
+    # dropout on a[b,n,k,l].
+    dtype = key.dtype
+    if dropout_p > 0.:
+        # kept weights no longer sum to one: a column of ones carries bv through the attention
+        value = F.pad(value, (0, 1), value=1.)  # (B, N, L, dv + 1)
+        wv = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
+    z = class_attention(wq.to(dtype), key, value, dropout_p=dropout_p)  # (B, N, K, dv [+ 1])
+    # A broadcast product keeps z itself for backward (the attention keeps it anyway); an
+    # einsum would run bmm on a permuted copy of z and keep that copy too.
+    out = (z * wv.to(z.dtype)).sum(dim=(1, 3))
+    if dropout_p == 0.:
+        out = out + bv.sum(0).to(out.dtype)
+    return out
+
+
+@torch.jit.unused
+def _autocast_enabled(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def direct_form_applies(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Fewer tokens than value channels per group, in full precision.
+
+    With few tokens the (B, N, K, L) scores and values are smaller than the attention identity's
+    (B, N, K, dv) output (ResNet's 7x7 maps at r=1/8). In fp16 / bf16 (or under autocast) the
+    fused kernel keeps the scores in fp32, where the direct form would round them to the low
+    precision before the softmax, so reduced precision keeps the attention form.
+    """
+    if key.shape[2] >= value.shape[-1]:
+        return False
+    if key.dtype != torch.float32 and key.dtype != torch.float64:
+        return False
+    return torch.jit.is_scripting() or not _autocast_enabled(key)
+
+
+def noah_logits(
+        key: torch.Tensor,
+        value: torch.Tensor,
+        wq: torch.Tensor,
+        wv: torch.Tensor,
+        bv: torch.Tensor,
+        dropout_p: float = 0.,
+        form: str = 'auto',
+) -> torch.Tensor:
+    """Logits sum_{n,l} softmax_l(Wq[n,k] . key[b,n,l]) * drop(Wv[n,k] . value[b,n,l] + bv[n,k]), (B, K).
+
+    key (B, N, L, dk) and value (B, N, L, dv) are each group's token slices, wq (N, K, dk),
+    wv (N, K, dv), bv (N, K); the query bias is left out (it cannot change a softmax). Two exact forms:
+
+    * 'attention': the attention identity, `class_attention` then the value weights; never holds
+      anything of size (B, N, K, L) (fused kernels). Best when tokens outnumber value channels
+      (ViTs, Mixers: 196 tokens of 24..96 value channels per group).
+    * 'direct': the published computation with batched matrix products per group; holds the
+      (B, N, K, L) scores and values. Best with few tokens and wide groups (ResNet-50: 49 tokens,
+      448 value channels per group; 4-7x faster there than the padded fused kernel on CPU).
+
+    'auto' takes 'direct' where `direct_form_applies`, else 'attention'. Both forms drop
+    v[b, n, k, l] with one independent mask per element, scaled 1/(1-p).
+    """
+    if form == 'auto':
+        form = 'direct' if direct_form_applies(key, value) else 'attention'
+    if form == 'direct':
+        return _direct_logits(key, value, wq, wv, bv, dropout_p)
+    if form != 'attention':
+        raise ValueError("form must be 'auto', 'attention' or 'direct', got '" + form + "'.")
+    return _attention_logits(key, value, wq, wv, bv, dropout_p)
+
+
+# The form depends on the token count, which FX proxies do not have: trace the call as a leaf.
+torch.fx.wrap('noah_logits')
+
+
 class NoahHead(nn.Module):
     """NOAH classifier head: token features (B, L, C) -> logits (B, K).
 
@@ -337,29 +435,13 @@ class NoahHead(nn.Module):
         return torch.einsum('bnld,nkd->bnkl', xk, wq.to(xk.dtype)) + bq.to(xk.dtype)[None, :, :, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The attention identity: since sum_l a[l] = 1 and v is linear in the value tokens,
-        #   sum_l a[b,n,k,l] * v[b,n,k,l] = Wv[n,k] . (sum_l a[b,n,k,l] xv[b,l,n]) + bv[n,k] * sum_l a[b,n,k,l],
-        # so each group is plain attention with K learned class queries Wq[n], keys xk and values xv,
-        # scale 1, which never needs v[b,n,k,l] and, in a fused kernel, not a[b,n,k,l] either.
-        # Dropout on v[b,n,k,l] is the same random operation as dropout on a[b,n,k,l]; then
-        # sum_l of the kept weights is no longer 1 and a column of ones appended to the values
-        # carries it to bv. bq adds the same constant to every score of a softmax row, so it cannot
-        # change the output and the scores leave it out.
         xk, xv = self._split_tokens(x)
         wq, bq = self.class_queries()
         wv, bv = self.class_values()
-        dtype = xk.dtype
         drop = self.drop if self.training else 0.
-        if drop > 0.:
-            xv = F.pad(xv, (0, 1), value=1.)  # (B, N, L, dv + 1)
-            wv = torch.cat([wv, bv.unsqueeze(-1)], dim=-1)  # (N, K, dv + 1)
-        z = class_attention(wq.to(dtype), xk, xv, dropout_p=drop)  # (B, N, K, dv [+ 1])
-        # A broadcast product keeps z itself for backward (the attention keeps it anyway); an
-        # einsum would run bmm on a permuted copy of z and keep that copy too.
-        out = (z * wv.to(z.dtype)).sum(dim=(1, 3))
-        if drop == 0.:
-            out = out + bv.sum(0).to(out.dtype)
-        # bq takes part in the graph with gradient 0, its true gradient: DDP needs every parameter used.
+        out = noah_logits(xk, xv, wq, wv, bv, dropout_p=drop)
+        # bq adds the same constant to every score of a softmax row, so it cannot change the output;
+        # it takes part in the graph with gradient 0, its true gradient: DDP needs every parameter used.
         return out + bq.sum().to(out.dtype) * 0.
 
     @torch.no_grad()

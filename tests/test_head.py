@@ -2,7 +2,15 @@
 import pytest
 import torch
 
+import noah_mlp.head as head_mod
 from noah_mlp import NoahHead
+
+
+@pytest.fixture(params=['attention', 'direct'])
+def form(request, monkeypatch):
+    """Runs a test under each of `noah_logits`' two forms (the attention identity, the direct form)."""
+    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: request.param == 'direct')
+    return request.param
 
 
 def reference_noah(head: NoahHead, x: torch.Tensor, value_mask: torch.Tensor = None) -> torch.Tensor:
@@ -60,7 +68,7 @@ CASES = [
 
 
 @pytest.mark.parametrize('C,N,r,K,L,kv_split,head_split', CASES)
-def test_forward_and_gradients_match_formula(C, N, r, K, L, kv_split, head_split):
+def test_forward_and_gradients_match_formula(C, N, r, K, L, kv_split, head_split, form):
     torch.manual_seed(0)
     head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=0., kv_split=kv_split,
                                head_split=head_split).double())
@@ -78,7 +86,7 @@ def test_forward_and_gradients_match_formula(C, N, r, K, L, kv_split, head_split
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f'gradient of {name} differs')
 
 
-def test_every_parameter_takes_part_in_autograd():
+def test_every_parameter_takes_part_in_autograd(form):
     """DDP refuses parameters without a gradient; query.bias cannot change the output but must be used."""
     head = NoahHead(32, 10, num_heads=4, drop=0.1)
     head.train()
@@ -100,7 +108,7 @@ def test_parameter_layout_matches_published_checkpoints():
     assert dense.value.weight.shape == (40, 96, 1, 1)
 
 
-def test_matches_upstream_grouped_conv_channel_order():
+def test_matches_upstream_grouped_conv_channel_order(form):
     """Output channel n*K + k of the grouped 1x1 conv is group n, class k."""
     torch.manual_seed(1)
     C, N, K, L = 16, 2, 3, 5
@@ -113,7 +121,7 @@ def test_matches_upstream_grouped_conv_channel_order():
     torch.testing.assert_close(head(x), expected)
 
 
-def test_dropout_is_unbiased_and_eval_ignores_it():
+def test_dropout_is_unbiased_and_eval_ignores_it(form):
     torch.manual_seed(0)
     head = _randomise(NoahHead(16, 5, num_heads=2, drop=0.3).double())
     x = torch.randn(2, 8, 16, dtype=torch.float64)
@@ -129,7 +137,7 @@ def test_dropout_is_unbiased_and_eval_ignores_it():
     assert torch.all((mean - clean).abs() < 5 * std_err + 1e-6)
 
 
-def test_dropout_variance_is_that_of_independent_masks_on_values():
+def test_dropout_variance_is_that_of_independent_masks_on_values(form):
     """Dropout masks v[b, n, k, l] independently: Var[out[b, k]] = p/(1-p) * sum_{n,l} (a v)^2."""
     torch.manual_seed(0)
     p, draws = 0.3, 6000

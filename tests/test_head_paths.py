@@ -77,6 +77,7 @@ def test_head_dropout_path_equals_formula_with_the_same_mask(monkeypatch, C, N, 
     g = torch.Generator().manual_seed(C + K)
     positions = torch.nonzero(torch.rand(B * N * K * L, generator=g) < p).flatten()
     monkeypatch.setattr(head_mod, 'bernoulli_drop_positions', lambda numel, p, device=None: positions.clone())
+    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: False)
     torch.manual_seed(0)
     head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=p, kv_split=kv_split,
                                head_split=head_split).double()).train()
@@ -89,6 +90,64 @@ def test_head_dropout_path_equals_formula_with_the_same_mask(monkeypatch, C, N, 
     go = torch.randn_like(out)
     for g1, g2 in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(expected, params, go)):
         torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('C,N,r,K,L,kv_split,head_split', CASES[:4] + CASES[-3:])
+def test_direct_form_dropout_equals_formula_with_the_same_mask(monkeypatch, C, N, r, K, L, kv_split, head_split):
+    """The direct form drops v[b,n,k,l] with F.dropout over its (N, B*L, K) values: the same seed
+    draws the same mask on a tensor of ones, which the formula then applies, forward and grads."""
+    B, p = 3, 0.25
+    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: True)
+    torch.manual_seed(0)
+    head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=p, kv_split=kv_split,
+                               head_split=head_split).double()).train()
+    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    out = head(x)
+    torch.manual_seed(5)
+    mask = F.dropout(torch.ones(N, B * L, K, dtype=torch.float64), p, True)
+    mask = mask.view(N, B, L, K).permute(1, 0, 3, 2)  # (B, N, K, L)
+    assert 0 < int((mask == 0).sum()) < mask.numel()
+    expected = reference_noah(head, x, value_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    params = [x] + list(head.parameters())
+    go = torch.randn_like(out)
+    for g1, g2 in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(expected, params, go)):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('L,C,r,expected', [
+    (49, 2048, 1 / 8, 'direct'),      # ResNet-50: 49 tokens, 448 value channels per group
+    (49, 512, 1 / 8, 'direct'),       # ResNet-18: 112 per group
+    (196, 384, 1 / 2, 'attention'),   # DeiT-S: 48 per group
+    (196, 512, 1 / 2, 'attention'),   # Mixer-S/16: 64 per group
+    (64, 512, 1 / 2, 'attention'),    # as many tokens as value channels
+])
+def test_auto_form_follows_tokens_against_value_channels(monkeypatch, L, C, r, expected):
+    """'auto' picks the direct form exactly when tokens are fewer than value channels per group,
+    and the two forms agree there."""
+    picked = []
+    for name in ('_direct_logits', '_attention_logits'):
+        real = getattr(head_mod, name)
+        monkeypatch.setattr(head_mod, name, lambda *a, _real=real, _name=name: picked.append(_name) or _real(*a))
+    head = NoahHead(C, 10, num_heads=4, key_ratio=r).eval()
+    x = torch.randn(2, L, C)
+    with torch.no_grad():
+        out = head(x)
+    assert picked == ['_' + expected + '_logits']
+    xk, xv = head._split_tokens(x)
+    wq, _ = head.class_queries()
+    wv, bv = head.class_values()
+    other = 'attention' if expected == 'direct' else 'direct'
+    torch.testing.assert_close(out, head_mod.noah_logits(xk, xv, wq, wv, bv, form=other), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='form'):
+        head_mod.noah_logits(xk, xv, wq, wv, bv, form='grouped')
+    # reduced precision keeps the fused kernel, which holds the scores in fp32
+    picked.clear()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        head(x)
+    head.bfloat16()(x.bfloat16())
+    assert picked == ['_attention_logits', '_attention_logits']
 
 
 def test_chunked_dropout_gradcheck_and_reproducible_with_seed():
