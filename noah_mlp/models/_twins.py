@@ -22,20 +22,41 @@ FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor
 NOAH_PAPER = 'NOAH: Learning Pairwise Object Category Attentions for Image Classification'
 
 
-def sibling_cfgs(variant: str, sibling: str, **overrides: Any) -> Dict[str, Dict[str, Any]]:
+# What a sibling's pretrained cfg says about its weights: where they are and how they were trained.
+WEIGHT_CFG_KEYS = (
+    'hf_hub_id', 'hf_hub_filename', 'url', 'num_classes', 'input_size', 'interpolation', 'crop_pct', 'crop_mode',
+    'mean', 'std', 'license')
+
+
+def sibling_cfgs(
+        variant: str,
+        sibling: str,
+        base: Optional[Dict[str, Any]] = None,
+        note: str = '',
+        **overrides: Any,
+) -> Dict[str, Dict[str, Any]]:
     """Pretrained cfgs `{variant}.{tag}` for every weight tag timm publishes for `sibling` (default tag first).
 
     Each points at the sibling's weights (same hub id / url); the NOAH head starts fresh on loading.
-    Without published weights, one cfg with the sibling's preprocessing (or `overrides`) and no source.
+    `base` is the twin's own cfg, which takes the sibling's `WEIGHT_CFG_KEYS`; without one the twin takes
+    the sibling's whole cfg. Read from timm's registry, so the twins follow the installed timm's tags.
+    Without published weights, one untagged cfg: `base` (or the sibling's cfg without weights) plus `overrides`.
     """
     out = {}
+    stock = None
     for name in get_arch_pretrained_cfgs(sibling):  # timm's order: the default tag first
-        cfg = get_pretrained_cfg(name).to_dict()
-        cfg.pop('architecture', None)
-        cfg.pop('tag', None)
+        source = get_pretrained_cfg(name).to_dict()
+        stock = stock or {k: v for k, v in source.items() if k not in ('architecture', 'tag')}
+        if not get_pretrained_cfg(name).has_weights:
+            continue
+        if base is None:
+            cfg = {k: v for k, v in source.items() if k not in ('architecture', 'tag')}
+        else:
+            cfg = dict(base, **{k: source[k] for k in WEIGHT_CFG_KEYS if source.get(k) is not None})
+        cfg['notes'] = (f'backbone: {name} (timm); the NOAH head starts fresh{note}',)
         out[f'{variant}.{name.split(".", 1)[1]}'] = dict(cfg, **overrides)
     if not out:
-        out[variant] = dict(overrides)
+        out[variant] = dict(stock or {} if base is None else base, **overrides)
     return out
 
 

@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock, checkpoint_filter_fn
 
 from ..head import NoahHead
+from ._twins import sibling_cfgs
 
 __all__ = ['NoahMlpMixer', 'NOAH_MODEL_ARGS', 'BASELINE_MODEL_ARGS', 'noah_checkpoint_filter_fn']
 
@@ -186,36 +187,11 @@ BASELINE_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
 
 # Data-config fields a NOAH twin takes over with its sibling's published weights: the backbone was
 # trained with that normalisation and evaluated with that crop.
-_WEIGHT_CFG_KEYS = (
-    'hf_hub_id', 'hf_hub_filename', 'url', 'num_classes', 'input_size', 'interpolation', 'crop_pct', 'crop_mode',
-    'mean', 'std', 'license')
-
-
-def _sibling_weight_cfgs(sibling: str) -> Dict[str, Dict[str, Any]]:
-    """`noah_{sibling}.{tag}` for every tag timm publishes weights for, loading those same weights.
-
-    Read from timm's registry, so the twins follow the installed timm's tags; the sibling's default
-    tag comes first and becomes the twin's default (`pretrained=True` without a tag).
-    """
-    tags = [name.split('.', 1)[1] for name in timm.list_pretrained(f'{sibling}.*')]
-    if not tags:
-        return {}
-    default = get_pretrained_cfg(sibling).tag
-    tags.sort(key=lambda tag: tag != default)
-    cfgs = {}
-    for tag in tags:
-        source = get_pretrained_cfg(f'{sibling}.{tag}').to_dict()
-        weights = {k: source[k] for k in _WEIGHT_CFG_KEYS if source.get(k) is not None}
-        cfgs[f'noah_{sibling}.{tag}'] = _noah_cfg(**weights, notes=(
-            f'backbone: {sibling}.{tag} (timm); NOAH head initialised fresh, or from its linear head with '
-            f'kv_split=False, linear_head_init=True',))
-    return cfgs
-
-
 def _noah_cfgs(sibling: str) -> Dict[str, Dict[str, Any]]:
     # a twin with published sibling weights has only their tags (as timm's mixer_b16_224 has);
     # a twin without any has the NOAH release's data config (mean/std 0.5, crop 0.9)
-    return _sibling_weight_cfgs(sibling) or {f'noah_{sibling}': _noah_cfg()}
+    return sibling_cfgs(f'noah_{sibling}', sibling, base=_noah_cfg(), note=(
+        ', or from its linear head with kv_split=False, linear_head_init=True'))
 
 
 default_cfgs = generate_default_cfgs({
