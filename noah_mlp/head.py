@@ -8,16 +8,20 @@ the tokens under that attention; the logits add the N groups.
 
 Parameters are stored as upstream's two (grouped) 1x1 convolutions, so published checkpoints load
 with strict=True (`query.weight` (N*K, Ck/N, 1, 1), `query.bias` (N*K,), same for `value`;
-output channel n*K + k is group n, class k). The computation never runs those convolutions: it
-goes through the attention identity (see `NoahHead.forward`), which is exact and far cheaper:
+output channel n*K + k is group n, class k). The computation never runs those convolutions;
+`noah_logits` picks one of two exact forms by shape (docs/head.md, "The computation paths"):
 
-* no dropout (inference, or training with drop=0), any device, compile, ONNX export:
-  `F.scaled_dot_product_attention`, a fused kernel that never materialises (B, N, K, L);
-* dropout on CUDA, or under compile / autocast / tracing: the same SDPA call with dropout_p
-  (CUDA's flash / efficient kernels take it);
-* dropout in eager CPU fp32/fp64, where SDPA would fall back to its materialising math backend:
-  `_ChunkedDropoutAttention`, cache-sized chunks, drop positions drawn as geometric gaps
-  (numel * p random numbers instead of numel) and kept sparse for the backward.
+* the direct form, with fewer tokens than value channels per group, in fp32 / fp64 (ResNet's 7x7
+  maps): batched per-group matrix products give every class's scores and values, as published;
+* the attention form otherwise: the attention identity (see `_attention_logits`) turns each group
+  into class attention over the value tokens, run as
+  - no dropout (inference, or training with drop=0), any device, compile, ONNX export:
+    `F.scaled_dot_product_attention`, a fused kernel that never materialises (B, N, K, L);
+  - dropout on CUDA, or under compile / autocast / tracing: the same SDPA call with dropout_p
+    (CUDA's flash / efficient kernels take it);
+  - dropout in eager CPU fp32/fp64, where SDPA would fall back to its materialising math backend:
+    `_ChunkedDropoutAttention`, cache-sized chunks, drop positions drawn as geometric gaps
+    (numel * p random numbers instead of numel) and kept sparse for the backward.
 """
 import math
 from typing import List, Optional, Tuple
