@@ -107,7 +107,7 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False, path: str = '') -
         raise UserError(f'checkpoint{where} holds a {type(checkpoint).__name__}, not a state dict or a training checkpoint.')
     state_dict = None
     if use_ema:
-        for key in ('state_dict_ema', 'model_ema', 'state_dict'):
+        for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # timm's order
             if key in checkpoint and isinstance(checkpoint[key], dict):
                 state_dict = checkpoint[key]
                 break

@@ -160,11 +160,10 @@ def _pretrained_error(model_name: str, error: BaseException) -> UserError:
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, arch: str = '') -> None:
-    """`--initial-checkpoint`: the file's weights, strictly; a stock timm checkpoint gives a NOAH model its backbone."""
-    from .models.mlp_mixer import NoahMlpMixer, noah_checkpoint_filter_fn
-    state_dict = extract_state_dict(safe_load(path), use_ema=True, path=path)
-    if isinstance(model, NoahMlpMixer):
-        state_dict = noah_checkpoint_filter_fn(state_dict, model)
+    """`--initial-checkpoint`: the file's weights, strictly, in any layout `remap_checkpoint` reads (the NOAH
+    authors' included); a stock timm checkpoint gives a NOAH model its backbone."""
+    from .models._twins import remap_checkpoint
+    state_dict = remap_checkpoint(extract_state_dict(safe_load(path), use_ema=True, path=path), model, new_head=True)
     check_compatible(model, state_dict, path, arch)
     model.load_state_dict(state_dict)
 

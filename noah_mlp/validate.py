@@ -29,6 +29,7 @@ from .config import (
     non_negative_int, positive_float, positive_int, seed_int)
 from .datasets import build_dataset, class_names
 from .errors import UserError, cli_main
+from .models._twins import remap_checkpoint
 from .run_folder import check_writable_file
 from .train_args import add_dataset_source_args, prog_name, refused_in_use
 from .train import evaluate
@@ -155,12 +156,13 @@ def _model_kwargs(args: argparse.Namespace, train_args: Dict[str, Any]) -> Tuple
 
 
 def _load_checkpoint_weights(model: torch.nn.Module, ckpt: Any, args: argparse.Namespace) -> None:
-    """The file's state_dict, or with --use-ema its EMA weights (refused when it has none)."""
+    """The file's state_dict, or with --use-ema its EMA weights (refused when it has none), in the model's
+    key names (`remap_checkpoint`: the NOAH authors' layouts load too)."""
     has_ema = isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema'))
     if args.use_ema and not has_ema:
         raise UserError(f"--use-ema: '{args.checkpoint}' holds no EMA weights (no state_dict_ema); "
                         f"leave out --use-ema to evaluate its weights.")
-    sd = extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint)
+    sd = remap_checkpoint(extract_state_dict(ckpt, use_ema=args.use_ema, path=args.checkpoint), model)
     check_compatible(model, sd, args.checkpoint, args.model)
     model.load_state_dict(sd)
     _logger.info(f"Loaded {'the EMA weights (state_dict_ema)' if args.use_ema else 'the weights'} "

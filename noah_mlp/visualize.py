@@ -469,7 +469,8 @@ def load_noah_model(
         raise VisualizeError(f'{len(class_names)} class names for a model with {head.num_classes} classes')
     try:
         from timm.models import load_checkpoint
-        load_checkpoint(model, checkpoint, use_ema=use_ema, strict=True, weights_only=True)
+        from .models._twins import remap_checkpoint
+        load_checkpoint(model, checkpoint, use_ema=use_ema, strict=True, weights_only=True, filter_fn=remap_checkpoint)
     except Exception as e:
         raise VisualizeError(f'cannot load {checkpoint} into {model_name} '
                              f'({head.num_classes} classes): {_first_line(e)}') from None

@@ -207,3 +207,65 @@ def test_authors_deit_checkpoints_load_with_equal_logits(name, embed, hidden, tm
         with pytest.raises(UserError, match=f'noah_hidden_size={hidden}'):
             timm.create_model(name, pretrained=True, **tiny,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+
+
+def _authors_resnet_file(tmp_path, classes):
+    ref = _randomise(AuthorsResNet(classes))
+    path = str(tmp_path / 'authors_resnet.pth.tar')
+    torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in ref.state_dict().items()}}, path)
+    return ref, path
+
+
+def _authors_deit_file(tmp_path, embed, hidden, classes):
+    ref = _randomise(AuthorsDeiT(embed, hidden, classes))
+    path = str(tmp_path / 'authors_deit.pth')
+    torch.save({'model': ref.state_dict()}, path)
+    return ref, path
+
+
+@pytest.mark.parametrize('name', ['noah_resnet18', 'noah_deit_tiny_050_patch16_224'])
+def test_authors_checkpoints_load_as_initial_checkpoint_and_for_validation(name, tmp_path):
+    """train.py's --initial-checkpoint and validate.py's --checkpoint remap the authors' layouts as the
+    pretrained route does (one `remap_checkpoint`): equal logits through both."""
+    from argparse import Namespace
+    from noah_mlp.checkpoint import safe_load
+    from noah_mlp.cli_common import load_initial_weights
+    from noah_mlp.validate import _load_checkpoint_weights
+    if name == 'noah_resnet18':
+        (ref, path), kwargs, size = _authors_resnet_file(tmp_path, 10), dict(num_classes=10), 64
+    else:
+        (ref, path), size = _authors_deit_file(tmp_path, 96, 192, 10), 32
+        kwargs = dict(img_size=32, depth=2, num_classes=10, noah_hidden_size=192)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = ref(x)
+    started = timm.create_model(name, **kwargs)
+    load_initial_weights(started, path, name)
+    evaluated = timm.create_model(name, **kwargs)
+    _load_checkpoint_weights(evaluated, safe_load(path), Namespace(use_ema=False, checkpoint=path, model=name))
+    with torch.no_grad():
+        torch.testing.assert_close(started.eval()(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(evaluated.eval()(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_validate_cli_evaluates_an_authors_resnet_checkpoint(tmp_path):
+    """End to end: validate.py --model noah_resnet18 --checkpoint <the authors' file> scores the file's
+    model: its top-1 is the reference model's on the same preprocessed images."""
+    import json
+    from timm.data import create_dataset, create_transform, resolve_data_config
+    from noah_mlp import validate as validate_mod
+    from noah_train_helpers import make_image_folder
+    ref, path = _authors_resnet_file(tmp_path, 3)
+    data = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=1, val_per_class=4, size=64)
+    results = str(tmp_path / 'r.json')
+    assert validate_mod.main([data, '--model', 'noah_resnet18', '--checkpoint', path, '--num-classes', '3',
+                              '--img-size', '64', '--workers', '0', '--results-file', results]) == 0
+    top1 = json.load(open(results))['top1']
+    model = timm.create_model('noah_resnet18', num_classes=3)
+    config = resolve_data_config({'input_size': (3, 64, 64)}, model=model)
+    dataset = create_dataset('', root=data, split='validation', transform=create_transform(**config))
+    with torch.no_grad():
+        images = torch.stack([img for img, _ in dataset])
+        labels = torch.tensor([label for _, label in dataset])
+        expected = 100. * (ref(images).argmax(1) == labels).float().mean().item()
+    assert top1 == pytest.approx(expected, abs=1e-3)

@@ -6,16 +6,18 @@ only then loaded: weights that hold a NOAH head (this package's, or the NOAH aut
 key remapping) load exactly; the linear-head sibling's published weights load the backbone and start a
 fresh NOAH head.
 """
+from functools import partial
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg, load_pretrained
 from timm.models._registry import get_arch_pretrained_cfgs
+from timm.models.mlp_mixer import MlpMixer
 
-from ..adapt import HEAD_ARGS, noah_class, noah_head_filter
+from ..adapt import HEAD_ARGS, is_noah_adapted, noah_class, noah_head_filter
 
-__all__ = ['build_noah_twin', 'sibling_cfgs']
+__all__ = ['build_noah_twin', 'layout_filter', 'remap_checkpoint', 'sibling_cfgs']
 
 FilterFn = Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
 
@@ -60,21 +62,58 @@ def sibling_cfgs(
     return out
 
 
+_LAYOUT_FILTERS: Dict[type, FilterFn] = {}
+
+
+def layout_filter(timm_class: type) -> Callable[[FilterFn], FilterFn]:
+    """Register `fn(state_dict, model)` as the map from other checkpoint layouts (the NOAH authors', older
+    timm ones) to the key names of `timm_class`'s NOAH models. A checkpoint already in timm's names passes."""
+    def register(fn: FilterFn) -> FilterFn:
+        _LAYOUT_FILTERS[timm_class] = fn
+        return fn
+    return register
+
+
+def remap_checkpoint(
+        state_dict: Dict[str, torch.Tensor], model: nn.Module, new_head: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """A checkpoint in any layout this package reads, under a NOAH model's own key names.
+
+    The one remapping behind every way weights reach a NOAH model: pretrained tags and files, timm's
+    `--pretrained-path`, `--initial-checkpoint`, and validate.py's `--checkpoint`. `new_head=True`
+    (starting a run) lets a checkpoint of the linear-head sibling give the backbone while the model
+    keeps its own fresh NOAH head; False (evaluating) leaves the head's keys as they are, so a
+    checkpoint without a NOAH head is refused by the strict load. Models without a NOAH head: unchanged.
+    """
+    from .mlp_mixer import NoahMlpMixer, noah_checkpoint_filter_fn
+    if isinstance(model, NoahMlpMixer):
+        if new_head:
+            return noah_checkpoint_filter_fn(state_dict, model)
+        return _LAYOUT_FILTERS[MlpMixer](state_dict, model)
+    if not is_noah_adapted(model):
+        return state_dict
+    for cls in type(model).__mro__:
+        if cls in _LAYOUT_FILTERS:
+            state_dict = _LAYOUT_FILTERS[cls](state_dict, model)
+            break
+    return noah_head_filter(state_dict, model) if new_head else state_dict
+
+
 def build_noah_twin(
         build_stock: Callable[..., nn.Module],
         variant: str,
         pretrained: bool,
         noah_args: Dict[str, Any],
         arch_args: Optional[Dict[str, Any]] = None,
-        filter_fn: Optional[FilterFn] = None,
         **kwargs: Any,
 ) -> nn.Module:
     """`build_stock(variant, pretrained=False, **arch_args, **kwargs)` (timm's generator), a NOAH head, weights.
 
     `noah_args` / `arch_args` are the variant's published head settings and architecture; the caller's
     kwargs override both and are what the model records for config.json (the name fixes the rest).
-    `filter_fn` maps a checkpoint to timm's key names (the sibling's timm filter, the NOAH authors' layout).
-    `features_only=True` returns timm's feature extractor of the backbone (it has no head).
+    Weights go through `remap_checkpoint` (the family's `layout_filter`, then a fresh head where the
+    checkpoint has the linear-head sibling's). `features_only=True` returns timm's feature extractor of
+    the backbone (it has no head).
     """
     chosen = {k: kwargs.pop(k) for k in HEAD_ARGS if k in kwargs}
     head_args = dict(noah_args, **chosen)
@@ -88,17 +127,12 @@ def build_noah_twin(
     recorded = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS and v is not None}
     model._model_args = dict(getattr(model, '_model_args', {}), **recorded, **chosen)
     if pretrained:
-        def _filter(state_dict, model_):
-            if filter_fn is not None:
-                state_dict = filter_fn(state_dict, model_)
-            return noah_head_filter(state_dict, model_)
-
         load_pretrained(
             model,
             pretrained_cfg=model.pretrained_cfg,
             num_classes=model.num_classes,
             in_chans=kwargs.get('in_chans', 3),
-            filter_fn=_filter,
+            filter_fn=partial(remap_checkpoint, new_head=True),
         )
     return model
 

@@ -10,6 +10,7 @@ with the architecture `with_noah_head`, so `timm.create_model('local-dir:DIR', p
 With `pretrained=True` and no weights of its own (no saved folder, no `pretrained_cfg_overlay`), the
 backbone loads timm's published weights for `backbone` and the NOAH head starts fresh.
 """
+from functools import partial
 from typing import Any, Optional
 
 import timm
@@ -17,7 +18,8 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, load_pretrained, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..adapt import add_noah_head, noah_head_filter
+from ..adapt import add_noah_head
+from ._twins import remap_checkpoint
 
 default_cfgs = generate_default_cfgs({'with_noah_head': dict(url='', num_classes=1000)})
 
@@ -54,5 +56,5 @@ def with_noah_head(
         model.pretrained_cfg = model.default_cfg = cfg
         if pretrained:
             load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3),
-                            filter_fn=noah_head_filter)
+                            filter_fn=partial(remap_checkpoint, new_head=True))
     return model

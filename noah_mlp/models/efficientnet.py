@@ -12,7 +12,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
 
-from ._twins import NOAH_PAPER, build_noah_twin, sibling_cfgs
+from ._twins import NOAH_PAPER, build_noah_twin, layout_filter, sibling_cfgs
 
 __all__ = ['NOAH_MOBILENETV2_ARGS', 'authors_mobilenetv2_filter']
 
@@ -43,6 +43,7 @@ def _authors_block_names(model: EfficientNet) -> List[List[str]]:
     return names
 
 
+@layout_filter(EfficientNet)
 def authors_mobilenetv2_filter(state_dict: Dict[str, torch.Tensor], model: EfficientNet) -> Dict[str, torch.Tensor]:
     """Rename a NOAH authors' MobileNetV2 checkpoint (`features.*`, `head.*`) to timm's names.
 
@@ -86,7 +87,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientN
     def build(name, pretrained=False, **kw):
         return _gen_mobilenet_v2(name, multiplier, pretrained=pretrained, **kw)
 
-    return build_noah_twin(build, variant, pretrained, _NOAH_ARGS, filter_fn=authors_mobilenetv2_filter, **kwargs)
+    return build_noah_twin(build, variant, pretrained, _NOAH_ARGS, **kwargs)
 
 
 @register_model

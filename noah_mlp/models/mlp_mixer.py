@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock, checkpoint_filter_fn
 
 from ..head import NoahHead
-from ._twins import sibling_cfgs
+from ._twins import layout_filter, sibling_cfgs
 
 __all__ = ['NoahMlpMixer', 'NOAH_MODEL_ARGS', 'BASELINE_MODEL_ARGS', 'noah_checkpoint_filter_fn']
 
@@ -198,6 +198,10 @@ default_cfgs = generate_default_cfgs({
     **{k: v for name in NOAH_MODEL_ARGS for k, v in _noah_cfgs(name).items()},
     **{name: _cfg() for name in BASELINE_MODEL_ARGS},
 })
+
+
+# timm's own remapping of older Mixer / ResMLP layouts is the family's layout filter
+layout_filter(MlpMixer)(checkpoint_filter_fn)
 
 
 def noah_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

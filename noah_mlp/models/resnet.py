@@ -12,7 +12,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 
-from ._twins import NOAH_PAPER, build_noah_twin, sibling_cfgs
+from ._twins import NOAH_PAPER, build_noah_twin, layout_filter, sibling_cfgs
 
 __all__ = ['NOAH_RESNET_ARGS']
 
@@ -25,6 +25,7 @@ NOAH_RESNET_ARGS: Dict[str, Dict[str, Any]] = {
 }
 
 
+@layout_filter(ResNet)
 def authors_resnet_filter(state_dict: Dict[str, torch.Tensor], model: ResNet) -> Dict[str, torch.Tensor]:
     """The NOAH authors' ResNet checkpoints name the head `head.*`; timm's ResNet calls its classifier `fc`."""
     return {('fc.' + k[len('head.'):] if k.startswith('head.') else k): v for k, v in state_dict.items()}
@@ -41,7 +42,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
     args = dict(NOAH_RESNET_ARGS[variant[len('noah_'):]])
     noah_args = {k: args.pop(k) for k in ('noah_head_num', 'key_ratio')}
     return build_noah_twin(
-        _create_resnet, variant, pretrained, noah_args, arch_args=args, filter_fn=authors_resnet_filter, **kwargs)
+        _create_resnet, variant, pretrained, noah_args, arch_args=args, **kwargs)
 
 
 @register_model

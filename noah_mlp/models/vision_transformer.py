@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 
 from ..errors import UserError
-from ._twins import NOAH_PAPER, build_noah_twin, sibling_cfgs
+from ._twins import NOAH_PAPER, build_noah_twin, layout_filter, sibling_cfgs
 
 __all__ = ['NOAH_DEIT_ARGS', 'DEIT_BASELINE_ARGS', 'noah_deit_filter']
 
@@ -50,6 +50,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+@layout_filter(VisionTransformer)
 def noah_deit_filter(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Map a DeiT checkpoint to a NOAH DeiT: timm's DeiT weights or the NOAH authors' layout.
 
@@ -80,8 +81,7 @@ def _create_baseline(variant: str, pretrained: bool = False, **kwargs: Any) -> V
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(NOAH_DEIT_ARGS[variant[len('noah_'):]], **_NO_CLASS_TOKEN)
     return build_noah_twin(
-        _create_vision_transformer, variant, pretrained, _NOAH_ARGS, arch_args=args, filter_fn=noah_deit_filter,
-        **kwargs)
+        _create_vision_transformer, variant, pretrained, _NOAH_ARGS, arch_args=args, **kwargs)
 
 
 @register_model
