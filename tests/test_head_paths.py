@@ -70,44 +70,36 @@ def test_chunked_dropout_equals_masked_formula_forward_and_backward(monkeypatch,
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize('C,N,r,K,L,kv_split,head_split', CASES[:4] + CASES[-3:])
-def test_head_dropout_path_equals_formula_with_the_same_mask(monkeypatch, C, N, r, K, L, kv_split, head_split):
-    """The whole head in training mode: the NOAH formula with dropout on v[b,n,k,l], fwd and grads."""
-    B, p = 3, 0.25
-    g = torch.Generator().manual_seed(C + K)
+def _attention_form_mask(monkeypatch, B, N, K, L, p):
+    """Fixes the chunked kernel's drop positions; returns the (B, N, K, L) mask they make, scale folded in."""
+    g = torch.Generator().manual_seed(N * K + L)
     positions = torch.nonzero(torch.rand(B * N * K * L, generator=g) < p).flatten()
     monkeypatch.setattr(head_mod, 'bernoulli_drop_positions', lambda numel, p, device=None: positions.clone())
-    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: False)
-    torch.manual_seed(0)
-    head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=p, kv_split=kv_split,
-                               head_split=head_split).double()).train()
-    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
-    out = head(x)
-    mask = _mask_from_positions(positions, B, N, K, L, head_mod.DEFAULT_CHUNK_ELEMENTS, 1. / (1. - p))
-    expected = reference_noah(head, x, value_mask=mask)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-    params = [x] + list(head.parameters())
-    go = torch.randn_like(out)
-    for g1, g2 in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(expected, params, go)):
-        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-10)
+    return _mask_from_positions(positions, B, N, K, L, head_mod.DEFAULT_CHUNK_ELEMENTS, 1. / (1. - p))
 
 
-@pytest.mark.parametrize('C,N,r,K,L,kv_split,head_split', CASES[:4] + CASES[-3:])
-def test_direct_form_dropout_equals_formula_with_the_same_mask(monkeypatch, C, N, r, K, L, kv_split, head_split):
-    """The direct form drops v[b,n,k,l] with F.dropout over its (N, B*L, K) values: the same seed
-    draws the same mask on a tensor of ones, which the formula then applies, forward and grads."""
-    B, p = 3, 0.25
-    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: True)
-    torch.manual_seed(0)
-    head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=p, kv_split=kv_split,
-                               head_split=head_split).double()).train()
-    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(5)
-    out = head(x)
+def _direct_form_mask(monkeypatch, B, N, K, L, p):
+    """The direct form drops its (N, B*L, K) values with F.dropout: the same seed draws the same mask on ones."""
     torch.manual_seed(5)
     mask = F.dropout(torch.ones(N, B * L, K, dtype=torch.float64), p, True)
-    mask = mask.view(N, B, L, K).permute(1, 0, 3, 2)  # (B, N, K, L)
+    torch.manual_seed(5)
+    return mask.view(N, B, L, K).permute(1, 0, 3, 2)  # (B, N, K, L)
+
+
+@pytest.mark.parametrize('form', ['attention', 'direct'])
+@pytest.mark.parametrize('C,N,r,K,L,kv_split,head_split', CASES[:4] + CASES[-3:])
+def test_head_dropout_equals_formula_with_the_same_mask(monkeypatch, form, C, N, r, K, L, kv_split, head_split):
+    """The whole head in training mode, in each form: the NOAH formula with dropout on v[b,n,k,l],
+    forward and gradients, under the mask that form draws."""
+    B, p = 3, 0.25
+    monkeypatch.setattr(head_mod, 'direct_form_applies', lambda key, value: form == 'direct')
+    torch.manual_seed(0)
+    head = _randomise(NoahHead(C, K, num_heads=N, key_ratio=r, drop=p, kv_split=kv_split,
+                               head_split=head_split).double()).train()
+    x = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
+    mask = (_direct_form_mask if form == 'direct' else _attention_form_mask)(monkeypatch, B, N, K, L, p)
     assert 0 < int((mask == 0).sum()) < mask.numel()
+    out = head(x)
     expected = reference_noah(head, x, value_mask=mask)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     params = [x] + list(head.parameters())
