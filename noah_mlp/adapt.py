@@ -16,9 +16,12 @@ runs a 1x1 conv + activation; as in the NOAH authors' MobileNetV3 that conv runs
 attends over its output. The model's own pre-classifier dropout (`drop_rate`) is applied to the tokens.
 
 The model keeps its class's behaviour (a per-instance subclass only overrides `forward_head`,
-`reset_classifier` and `get_classifier`), its parameter names and `pretrained_cfg`; the NoahHead sits where
-the linear classifier was (`fc`, `classifier`, `head`, `head.fc`), so `pretrained_cfg['classifier']` names
-it for timm's loaders. `forward_head(x, pre_logits=True)` still returns timm's pooled embedding.
+`reset_classifier`, `get_classifier` and adds `__prepare_scriptable__`), its parameter names and
+`pretrained_cfg`; the NoahHead sits where the linear classifier was (`fc`, `classifier`, `head`, `head.fc`),
+so `pretrained_cfg['classifier']` names it for timm's loaders. `forward_head(x, pre_logits=True)` still
+returns timm's pooled embedding.
+The models script (`torch.jit.script`, through `__prepare_scriptable__`) and FX-trace; see
+docs/beyond_mlps.md, "TorchScript and FX".
 """
 import copy
 import types
