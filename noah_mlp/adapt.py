@@ -16,13 +16,17 @@ runs a 1x1 conv + activation; as in the NOAH authors' MobileNetV3 that conv runs
 attends over its output. The model's own pre-classifier dropout (`drop_rate`) is applied to the tokens.
 
 The model keeps its class's behaviour (a per-instance subclass only overrides `forward_head`,
-`reset_classifier` and `get_classifier`), its parameter names and `pretrained_cfg`; the NoahHead sits where
-the linear classifier was (`fc`, `classifier`, `head`, `head.fc`), so `pretrained_cfg['classifier']` names
-it for timm's loaders. `forward_head(x, pre_logits=True)` still returns timm's pooled embedding.
+`reset_classifier`, `get_classifier` and adds `__prepare_scriptable__`), its parameter names and
+`pretrained_cfg`; the NoahHead sits where the linear classifier was (`fc`, `classifier`, `head`, `head.fc`),
+so `pretrained_cfg['classifier']` names it for timm's loaders. `forward_head(x, pre_logits=True)` still
+returns timm's pooled embedding.
+The models script (`torch.jit.script`, through `__prepare_scriptable__`) and FX-trace; see
+docs/beyond_mlps.md, "TorchScript and FX".
 """
 import copy
+import types
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Final, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -81,6 +85,84 @@ def _parent_path(path: str) -> str:
     return path.rpartition('.')[0]
 
 
+def noah_feature_tokens(x: torch.Tensor, nhwc: bool, prefix_tokens: int) -> torch.Tensor:
+    """forward_features output -> the (B, L, C) tokens NOAH attends over.
+
+    A 4-D map becomes one token per position (`nhwc`: the map is (B, H, W, C), else (B, C, H, W)); 3-D tokens
+    lose their `prefix_tokens` leading (class / distillation / register) tokens.
+    """
+    if x.dim() == 4:
+        return x.flatten(1, 2) if nhwc else x.flatten(2).transpose(1, 2)
+    if x.dim() == 3:
+        return x[:, prefix_tokens:]
+    raise ValueError('forward_features gave shape ' + str(x.shape) + '; NOAH needs a (B, C, H, W) or '
+                     '(B, H, W, C) map or (B, L, C) tokens.')
+
+
+# The layout is the tensor's rank, which FX proxies do not have: trace the call as a leaf.
+torch.fx.wrap('noah_feature_tokens')
+
+
+class NoahHeadPlan(nn.Module):
+    """The head side of a NOAH model as TorchScript compiles it: the model's own modules, in the order
+    `NoahAdapted.forward_head` runs them (map stages, tokens, token stages, dropout, NoahHead).
+
+    `NoahAdapted.__prepare_scriptable__` builds one on the copy of the model that `torch.jit.script`
+    compiles: TorchScript can only call submodules it reaches by attribute name, not the dotted paths the
+    eager model resolves. The plan holds modules the model already owns, so it adds nothing to `state_dict`
+    and takes nothing from `load_state_dict` (the scripted model keeps the eager model's keys).
+    """
+    has_head: Final[bool]
+    nhwc: Final[bool]
+    prefix_tokens: Final[int]
+    drop_rate: Final[float]
+
+    def __init__(
+            self,
+            map_stages: List[nn.Module],
+            token_stages: List[nn.Module],
+            drop: Optional[nn.Module],
+            drop_rate: float,
+            head: nn.Module,
+            nhwc: bool,
+            prefix_tokens: int,
+    ) -> None:
+        super().__init__()
+        self.map_stages = nn.ModuleList(map_stages)
+        self.token_stages = nn.ModuleList(token_stages)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.drop_rate = float(drop_rate) if drop is None else 0.
+        self.head = head
+        self.has_head = isinstance(head, NoahHead)
+        self.nhwc = nhwc
+        self.prefix_tokens = prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.map_stages:
+            x = stage(x)
+        x = noah_feature_tokens(x, self.nhwc, self.prefix_tokens)
+        for stage in self.token_stages:
+            x = stage(x)
+        x = self.drop(x)
+        if self.drop_rate > 0.:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return self.head(x)
+
+    # torch.jit.script copies ignored methods onto the scripted module, so both overrides hold there too.
+    @torch.jit.ignore
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = '', keep_vars: bool = False) -> Any:
+        """Nothing: every tensor here is saved under its owner's own name."""
+        return destination if destination is not None else OrderedDict()
+
+    @torch.jit.ignore
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The caller then hands each child module the entries under its prefix: give them their current
+        # tensors (loaded a moment ago under the owners' names), so nothing here counts as missing.
+        for name, value in nn.Module.state_dict(self, keep_vars=True).items():
+            state_dict[prefix + name] = value
+
+
 def _is_mobilenetv3_head(model: nn.Module) -> bool:
     # timm's MobileNetV3 class (also MobileNetV4, LCNet, ...) pools, then runs conv_head / norm_head / act2
     from timm.models.mobilenetv3 import MobileNetV3
@@ -94,7 +176,11 @@ class NoahAdapted:
     `noah_classifier` (dotted path of the head), `noah_map_stages` (paths of modules run on the native
     feature map before it becomes tokens), `noah_token_stages` (paths run on the (B, L, C) tokens),
     `noah_prefix_tokens` (leading tokens left out) and the head settings. `type(model).timm_class` is
-    the timm class the model extends.
+    the timm class the model extends, `_timm_forward_head` its `forward_head` (under a name of its own,
+    so that TorchScript, which has no `super()`, can call it).
+
+    Eager and FX resolve the paths at every call (modules replaced later, e.g. by SyncBatchNorm
+    conversion, are the ones that run); TorchScript gets a `NoahHeadPlan` (see `__prepare_scriptable__`).
     """
 
     def _setup_noah(
@@ -175,6 +261,7 @@ class NoahAdapted:
         self.set_submodule(self.noah_classifier, head)
 
     @property
+    @torch.jit.unused  # eager only: TorchScript would compile properties
     def noah_head(self) -> Optional[NoahHead]:
         head = self.get_submodule(self.noah_classifier)
         return head if isinstance(head, NoahHead) else None
@@ -187,47 +274,68 @@ class NoahAdapted:
         super().reset_classifier(num_classes, *args, **kwargs)
         self._install_head(num_classes)
 
-    def _run(self, paths: List[str], x: torch.Tensor) -> torch.Tensor:
-        for path in paths:
-            x = self.get_submodule(path)(x)
-        return x
-
-    def _token_dropout(self, x: torch.Tensor) -> torch.Tensor:
+    def _noah_dropout(self) -> Tuple[Optional[nn.Module], float]:
+        """The model's own pre-classifier dropout: its `head_drop` / `<head>.drop` module, else `drop_rate`."""
         drop = getattr(self, 'head_drop', None)
         if isinstance(drop, nn.Module):
-            return drop(x)
+            return drop, 0.
         parent = _parent_path(self.noah_classifier)
         drop = getattr(self.get_submodule(parent), 'drop', None) if parent else None
         if isinstance(drop, nn.Module):
-            return drop(x)
+            return drop, 0.
         p = getattr(self, 'drop_rate', 0.)
-        return F.dropout(x, p=float(p), training=self.training) if isinstance(p, float) and p > 0. else x
+        return None, float(p) if isinstance(p, float) and p > 0. else 0.
+
+    def _noah_nhwc(self) -> bool:
+        return getattr(self, 'output_fmt', 'NCHW') == 'NHWC'
+
+    def _noah_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        for path in self.noah_map_stages:
+            x = self.get_submodule(path)(x)
+        x = noah_feature_tokens(x, self._noah_nhwc(), self.noah_prefix_tokens)
+        for path in self.noah_token_stages:
+            x = self.get_submodule(path)(x)
+        return x
 
     def forward_noah_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, int]]]:
         """forward_features output -> (tokens (B, L, C) the head attends over, (H', W') grid or None for NLC)."""
+        grid = None
         if x.ndim == 4:
-            x = self._run(self.noah_map_stages, x)
-            if getattr(self, 'output_fmt', 'NCHW') == 'NHWC':
-                grid = (x.shape[1], x.shape[2])
-                x = x.flatten(1, 2)
-            else:
-                grid = (x.shape[2], x.shape[3])
-                x = x.flatten(2).transpose(1, 2)
-        elif x.ndim == 3:
-            grid = None
-            x = x[:, self.noah_prefix_tokens:]
-        else:
-            raise ValueError(
-                f'{type(self).__name__}.forward_features gave shape {tuple(x.shape)}; NOAH needs a (B, C, H, W) '
-                f'or (B, H, W, C) map or (B, L, C) tokens.')
-        return self._run(self.noah_token_stages, x), grid
+            grid = (x.shape[1], x.shape[2]) if self._noah_nhwc() else (x.shape[2], x.shape[3])
+        return self._noah_tokens(x), grid
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # compiled alone: TorchScript drops the eager code below this branch
+            plan = self.noah_plan
+            if pre_logits or not plan.has_head:
+                return self._timm_forward_head(x, pre_logits=True)
+            return plan(x)
         head = self.noah_head
         if pre_logits or head is None:
-            return super().forward_head(x, pre_logits=True)  # timm's pooled embedding
-        tokens, _ = self.forward_noah_tokens(x)
-        return head(self._token_dropout(tokens))
+            return self._timm_forward_head(x, pre_logits=True)  # timm's pooled embedding
+        x = self._noah_tokens(x)
+        drop, p = self._noah_dropout()
+        if drop is not None:
+            x = drop(x)
+        elif p > 0.:
+            x = F.dropout(x, p=p, training=self.training)
+        return head(x)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What `torch.jit.script` compiles: a shallow copy (same modules and tensors) that also holds a
+        `NoahHeadPlan` as `noah_plan`. The model itself is left as it is."""
+        drop, p = self._noah_dropout()
+        plan = NoahHeadPlan(
+            [self.get_submodule(path) for path in self.noah_map_stages],
+            [self.get_submodule(path) for path in self.noah_token_stages],
+            drop, p, self.get_submodule(self.noah_classifier), self._noah_nhwc(), self.noah_prefix_tokens)
+        plan.training = self.training  # its own flag only: the modules it holds keep theirs
+        scripted = copy.copy(self)
+        modules = OrderedDict(self._modules)  # the copy's own dict: the model's stays as it is
+        modules['noah_plan'] = plan
+        scripted.__dict__['_modules'] = modules
+        return scripted
 
     def noah_token_grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
         """(H', W') of the tokens for images of `image_size` (to lay attention maps out as images)."""
@@ -261,11 +369,25 @@ def noah_class(cls: type) -> type:
         name = f'Noah{cls.__name__}'
         if name in globals():  # two timm classes of the same name
             name = f'Noah{cls.__name__}_{cls.__module__.replace(".", "_")}'
-        new = type(name, (NoahAdapted, cls), {'__init__': __init__, '__module__': __name__, '__qualname__': name,
-                                              '__doc__': f'timm {cls.__name__} with a NOAH head.', 'timm_class': cls})
+        new = type(name, (NoahAdapted, cls), {
+            '__init__': __init__, '__module__': __name__, '__qualname__': name,
+            '__doc__': f'timm {cls.__name__} with a NOAH head.', 'timm_class': cls,
+            '_timm_forward_head': _renamed(cls.forward_head, '_timm_forward_head', name)})
         globals()[name] = new
         _CLASSES[cls] = new
     return _CLASSES[cls]
+
+
+def _renamed(fn: Any, name: str, owner: str) -> Any:
+    """`fn` (a timm `forward_head`) under another name: TorchScript names a method by its function's name."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    out = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    out.__kwdefaults__ = fn.__kwdefaults__
+    out.__annotations__ = dict(fn.__annotations__)
+    out.__qualname__ = f'{owner}.{name}'
+    out.__doc__ = fn.__doc__
+    return out
 
 
 def _new_adapted(base: type, *args: Any) -> nn.Module:
