@@ -45,20 +45,19 @@ def sibling_cfgs(
     Without published weights, one untagged cfg: `base` (or the sibling's cfg without weights) plus `overrides`.
     """
     out = {}
-    stock = None
+    first = None
     for name in get_arch_pretrained_cfgs(sibling):  # timm's order: the default tag first
-        source = get_pretrained_cfg(name).to_dict()
-        stock = stock or {k: v for k, v in source.items() if k not in ('architecture', 'tag')}
-        if not get_pretrained_cfg(name).has_weights:
+        pretrained = get_pretrained_cfg(name)
+        source = {k: v for k, v in pretrained.to_dict().items() if k not in ('architecture', 'tag')}
+        first = first or source
+        if not pretrained.has_weights:
             continue
-        if base is None:
-            cfg = {k: v for k, v in source.items() if k not in ('architecture', 'tag')}
-        else:
-            cfg = dict(base, **{k: source[k] for k in WEIGHT_CFG_KEYS if source.get(k) is not None})
+        cfg = source if base is None else dict(base, **{
+            k: source[k] for k in WEIGHT_CFG_KEYS if source.get(k) is not None})
         cfg['notes'] = (f'backbone: {name} (timm); the NOAH head starts fresh{note}',)
         out[f'{variant}.{name.split(".", 1)[1]}'] = dict(cfg, **overrides)
     if not out:
-        out[variant] = dict(stock or {} if base is None else base, **overrides)
+        out[variant] = dict((first or {}) if base is None else base, **overrides)
     return out
 
 

@@ -11,11 +11,10 @@ import logging
 from functools import partial
 from typing import Any, Dict, Optional
 
-import timm
 import torch
 import torch.nn as nn
 from timm.layers import GatedMlp, GluMlp, lecun_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock, checkpoint_filter_fn
 
 from ..head import NoahHead
@@ -185,8 +184,7 @@ BASELINE_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     for name in ('mixer_s16_075_224', 'mixer_s16_050_224', 'gmlp_ti16_075_224', 'gmlp_ti16_050_224')
 }
 
-# Data-config fields a NOAH twin takes over with its sibling's published weights: the backbone was
-# trained with that normalisation and evaluated with that crop.
+
 def _noah_cfgs(sibling: str) -> Dict[str, Dict[str, Any]]:
     # a twin with published sibling weights has only their tags (as timm's mixer_b16_224 has);
     # a twin without any has the NOAH release's data config (mean/std 0.5, crop 0.9)
